@@ -1,0 +1,157 @@
+"""A dbus-next connection with modeld's workarounds applied.
+
+Keeping dbus-next behind this module keeps a move to dbus-fast an import-level change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+from dbus_next import BusType, Message, MessageType, NameFlag, RequestNameReply, Variant
+from dbus_next.aio import MessageBus
+from dbus_next.errors import DBusError
+from dbus_next.service import ServiceInterface
+
+from modeld.naming import MANAGER_PATH
+
+INTERNAL_ERROR = "org.modeld1.Error.Internal"
+
+__all__ = [
+    "BusType",
+    "DBusError",
+    "Message",
+    "MessageBus",
+    "MessageType",
+    "NameFlag",
+    "RequestNameReply",
+    "ModeldMessageBus",
+    "ServiceInterface",
+    "Variant",
+    "call",
+    "connect",
+]
+
+
+class ModeldMessageBus(MessageBus):  # type: ignore[misc]
+    """MessageBus that emits ObjectManager signals from the manager's path.
+
+    dbus-next sends InterfacesAdded/Removed from the exported object's own path; clients
+    such as GDBus's ObjectManagerClient listen on the ObjectManager's path.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._close_after_send: set[int] = set()
+        self._method_tasks: set[asyncio.Future[Any]] = set()
+
+    def _make_method_handler(self, interface: ServiceInterface, method: Any) -> Any:
+        """Coroutine methods: keep a strong reference and reply to errors without a traceback.
+
+        dbus-next holds no reference to the task and lets a DBusError escape its done
+        callback (asyncio then logs it as an unhandled exception).
+        """
+        if not asyncio.iscoroutinefunction(method.fn):
+            return super()._make_method_handler(interface, method)
+
+        def handler(msg: Message, send_reply: Any) -> None:
+            def done(future: asyncio.Future[Any]) -> None:
+                self._method_tasks.discard(future)
+                try:
+                    result = future.result()
+                except DBusError as err:
+                    send_reply(err._as_message(msg))
+                    return
+                except Exception as err:  # the adapter maps errors; this is a last guard
+                    send_reply(Message.new_error(msg, INTERNAL_ERROR, f"internal error: {err}"))
+                    return
+                body, fds = ServiceInterface._fn_result_to_body(result, method.out_signature_tree)
+                send_reply(Message.new_method_return(msg, method.out_signature, body, fds))
+
+            args = ServiceInterface._msg_body_to_args(msg)
+            future = asyncio.ensure_future(method.fn(interface, *args))
+            self._method_tasks.add(future)
+            future.add_done_callback(done)
+
+        return handler
+
+    def close_after_send(self, fd: int) -> None:
+        """Close our copy of ``fd`` once the message carrying it has been written."""
+        self._close_after_send.add(fd)
+
+    def send(self, msg: Message) -> Any:
+        future = super().send(msg)
+        to_close = [fd for fd in msg.unix_fds or () if fd in self._close_after_send]
+        if to_close:
+
+            def close_fds(_future: Any) -> None:
+                for fd in to_close:
+                    self._close_after_send.discard(fd)
+                    os.close(fd)
+
+            future.add_done_callback(close_fds)
+        return future
+
+    def _emit_interface_added(self, path: str, interface: ServiceInterface) -> None:
+        if self._disconnected or path == MANAGER_PATH:
+            return
+
+        def on_properties(_iface: Any, result: Any, _user_data: Any, _err: Any) -> None:
+            self.send(
+                Message.new_signal(
+                    path=MANAGER_PATH,
+                    interface="org.freedesktop.DBus.ObjectManager",
+                    member="InterfacesAdded",
+                    signature="oa{sa{sv}}",
+                    body=[path, {interface.name: result or {}}],
+                )
+            )
+
+        ServiceInterface._get_all_property_values(interface, on_properties)
+
+    def _emit_interface_removed(self, path: str, removed_interfaces: list[str]) -> None:
+        if self._disconnected or path == MANAGER_PATH:
+            return
+        self.send(
+            Message.new_signal(
+                path=MANAGER_PATH,
+                interface="org.freedesktop.DBus.ObjectManager",
+                member="InterfacesRemoved",
+                signature="oas",
+                body=[path, removed_interfaces],
+            )
+        )
+
+
+async def connect(bus_type: BusType = BusType.SYSTEM) -> ModeldMessageBus:
+    """Connect with unix-fd passing negotiated (needed for Acquire's lease fds)."""
+    bus = ModeldMessageBus(bus_type=bus_type, negotiate_unix_fd=True)
+    await bus.connect()
+    return bus
+
+
+async def call(
+    bus: MessageBus,
+    destination: str,
+    path: str,
+    interface: str,
+    member: str,
+    signature: str = "",
+    body: list[Any] | None = None,
+) -> list[Any]:
+    """Call a method and return the reply body; raise DBusError on an error reply."""
+    reply = await bus.call(
+        Message(
+            destination=destination,
+            path=path,
+            interface=interface,
+            member=member,
+            signature=signature,
+            body=body or [],
+        )
+    )
+    if reply.message_type is MessageType.ERROR:
+        text = reply.body[0] if reply.body else reply.error_name
+        raise DBusError(reply.error_name, text)
+    return list(reply.body)

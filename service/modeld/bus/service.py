@@ -1,0 +1,404 @@
+"""The org.modeld1 D-Bus API (version 1): a thin adapter over the supervisor.
+
+Each method converts its arguments, checks authorization, calls the supervisor and converts
+the result. Errors become ``org.modeld1.Error.*`` replies with one line of text; no
+traceback ever crosses the bus.
+"""
+
+# dbus-next reads D-Bus signatures from annotations such as ``-> "o"``; they are not Python
+# types, hence no ``from __future__ import annotations`` and the mypy override for this file.
+
+import asyncio
+import contextlib
+import functools
+import logging
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
+
+from dbus_next import PropertyAccess, Variant
+from dbus_next.service import ServiceInterface, dbus_property, method, signal
+
+from modeld import __version__
+from modeld.bus.authorization import Authorizer
+from modeld.bus.connection import (
+    INTERNAL_ERROR,
+    DBusError,
+    Message,
+    MessageType,
+    ModeldMessageBus,
+)
+from modeld.errors import InvalidArgs, ModeldError
+from modeld.naming import MANAGER_PATH, model_object_path
+from modeld.supervisor.registry import Supervisor
+
+log = logging.getLogger(__name__)
+
+MANAGER_INTERFACE = "org.modeld1.Manager"
+MODEL_INTERFACE = "org.modeld1.Model"
+BUS_NAME = "org.modeld1"
+
+
+_F = TypeVar("_F", bound=Callable[..., Coroutine[Any, Any, Any]])
+
+_STATUS_TO_PROPERTY = {
+    "state": "State",
+    "unit": "Unit",
+    "control_group": "ControlGroup",
+    "main_pid": "MainPID",
+    "endpoint": "Endpoint",
+    "memory_max": "MemoryMax",
+    "last_used_us": "LastUsed",
+    "in_flight": "InFlight",
+    "pinned": "Pinned",
+    "last_error": "LastError",
+    "load_count": "LoadCount",
+}
+
+
+def _replies_errors(fn: _F) -> _F:
+    """Turn modeld errors into named D-Bus errors and anything else into a one-line Internal."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await fn(*args, **kwargs)
+        except ModeldError as err:
+            log.warning("%s: %s", fn.__name__, err)
+            raise DBusError(err.dbus_name, err.message) from None
+        except DBusError:
+            raise
+        except Exception as err:
+            log.exception("internal error in %s", fn.__name__)
+            raise DBusError(
+                INTERNAL_ERROR, f"internal error in {fn.__name__}: {err}; see modeld's journal"
+            ) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+class _Options:
+    """Typed access to an ``a{sv}`` options argument; unknown keys are refused."""
+
+    def __init__(self, options: dict[str, Variant], known: tuple[str, ...]) -> None:
+        for key in options:
+            if key not in known:
+                raise InvalidArgs(f"unknown option {key!r}; known options: {', '.join(known)}")
+        self._options = options
+
+    def flag(self, key: str) -> bool:
+        variant = self._options.get(key)
+        if variant is None:
+            return False
+        if variant.signature != "b":
+            raise InvalidArgs(f"option {key!r} must be a boolean (b), not {variant.signature!r}")
+        return bool(variant.value)
+
+
+def _consume(future: asyncio.Future[None]) -> None:
+    future.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+
+class _Requests:
+    """The operations shared by the Manager and Model interfaces."""
+
+    def __init__(self, supervisor: Supervisor, authorizer: Authorizer, bus: ModeldMessageBus) -> None:
+        self.supervisor = supervisor
+        self.authorizer = authorizer
+        self.bus = bus
+
+    async def load(self, name: str, options: dict[str, Variant]) -> str:
+        opts = _Options(options, ("wait", "force"))
+        await self.authorizer.check("load " + name)
+        done = await self.supervisor.load(name)
+        if opts.flag("wait"):
+            await done
+        else:
+            _consume(done)
+        return model_object_path(name)
+
+    async def unload(self, name: str, options: dict[str, Variant]) -> None:
+        opts = _Options(options, ("force", "wait"))
+        await self.authorizer.check("unload " + name)
+        done = await self.supervisor.unload(name, force=opts.flag("force"))
+        await done
+
+
+class ModelInterface(ServiceInterface):  # type: ignore[misc]
+    """org.modeld1.Model for one configured model."""
+
+    def __init__(self, model_name: str, requests: _Requests) -> None:
+        super().__init__(MODEL_INTERFACE)
+        self._model_name = model_name
+        self._requests = requests
+
+    @property
+    def _supervisor(self) -> Supervisor:
+        return self._requests.supervisor
+
+    def _status(self) -> Any:
+        return self._supervisor.status(self._model_name)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Name(self) -> "s":
+        return self._model_name
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Backend(self) -> "s":
+        return self._supervisor.owner(self._model_name).config.backend
+
+    @dbus_property(access=PropertyAccess.READ)
+    def State(self) -> "s":
+        return str(self._status().state)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Unit(self) -> "s":
+        return self._status().unit
+
+    @dbus_property(access=PropertyAccess.READ)
+    def ControlGroup(self) -> "s":
+        return self._status().control_group
+
+    @dbus_property(access=PropertyAccess.READ)
+    def MainPID(self) -> "u":
+        return self._status().main_pid
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Endpoint(self) -> "s":
+        return self._status().endpoint
+
+    @dbus_property(access=PropertyAccess.READ)
+    def MemoryCurrent(self) -> "t":
+        return self._supervisor.memory_current(self._model_name)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def MemoryMax(self) -> "t":
+        return self._status().memory_max
+
+    @dbus_property(access=PropertyAccess.READ)
+    def GpuMemory(self) -> "t":
+        return 0
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Gpu(self) -> "s":
+        return ""
+
+    @dbus_property(access=PropertyAccess.READ)
+    def LastUsed(self) -> "t":
+        return self._status().last_used_us
+
+    @dbus_property(access=PropertyAccess.READ)
+    def InFlight(self) -> "u":
+        return self._status().in_flight
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Pinned(self) -> "b":
+        return self._status().pinned
+
+    @dbus_property(access=PropertyAccess.READ)
+    def ConcurrencyGroups(self) -> "as":
+        return list(self._supervisor.owner(self._model_name).config.concurrency_groups)
+
+    @dbus_property(access=PropertyAccess.READ)
+    def LastError(self) -> "s":
+        return self._status().last_error
+
+    @dbus_property(access=PropertyAccess.READ)
+    def LoadCount(self) -> "u":
+        return self._status().load_count
+
+    @method()
+    @_replies_errors
+    async def Load(self, options: "a{sv}") -> "o":
+        return await self._requests.load(self._model_name, options)
+
+    @method()
+    @_replies_errors
+    async def Unload(self, options: "a{sv}"):  # noqa: ANN201
+        await self._requests.unload(self._model_name, options)
+
+    @method()
+    @_replies_errors
+    async def SetPinned(self, pinned: "b"):  # noqa: ANN201
+        await self._requests.authorizer.check("pin " + self._model_name)
+        self._supervisor.set_pinned(self._model_name, pinned)
+
+
+class ManagerInterface(ServiceInterface):  # type: ignore[misc]
+    """org.modeld1.Manager at /org/modeld1."""
+
+    def __init__(self, requests: _Requests, reload: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(MANAGER_INTERFACE)
+        self._requests = requests
+        self._reload = reload
+
+    @property
+    def _supervisor(self) -> Supervisor:
+        return self._requests.supervisor
+
+    @method()
+    @_replies_errors
+    async def Load(self, name: "s", options: "a{sv}") -> "o":
+        return await self._requests.load(name, options)
+
+    @method()
+    @_replies_errors
+    async def Unload(self, name: "s", options: "a{sv}"):  # noqa: ANN201
+        await self._requests.unload(name, options)
+
+    @method()
+    def ListModels(self) -> "a(ssso)":
+        return [
+            [o.name, str(o.status.state), o.config.backend, model_object_path(o.name)]
+            for o in self._supervisor.owners()
+        ]
+
+    @method()
+    @_replies_errors
+    async def GetModel(self, name: "s") -> "o":
+        self._supervisor.owner(name)
+        return model_object_path(name)
+
+    @method()
+    @_replies_errors
+    async def Reload(self):  # noqa: ANN201
+        await self._requests.authorizer.check("reload")
+        await self._reload()
+
+    @method()
+    @_replies_errors
+    async def Acquire(self, name: "s", options: "a{sv}") -> "sh":
+        _Options(options, ())
+        await self._requests.authorizer.check("acquire " + name)
+        lease = await self._supervisor.acquire(name)
+        self._requests.bus.close_after_send(lease.client_fd)
+        return [lease.endpoint, lease.client_fd]
+
+    @signal()
+    def ModelLoaded(self, name: str, path: str) -> "so":
+        return [name, path]
+
+    @signal()
+    def ModelUnloaded(self, name: str, path: str, reason: str) -> "sos":
+        return [name, path, reason]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Version(self) -> "s":
+        return __version__
+
+    @dbus_property(access=PropertyAccess.READ)
+    def LoadedCount(self) -> "u":
+        return self._supervisor.loaded_count()
+
+    @dbus_property(access=PropertyAccess.READWRITE)
+    def MaxLoaded(self) -> "u":
+        return self._supervisor.max_loaded
+
+    @MaxLoaded.setter  # type: ignore[no-redef]
+    def MaxLoaded(self, value: "u"):  # noqa: ANN202
+        # Writes are authorized and applied in BusService._on_property_set.
+        self._supervisor.max_loaded = value
+
+    @dbus_property(access=PropertyAccess.READ)
+    def MemoryBudget(self) -> "t":
+        return self._supervisor.config.daemon.memory_budget
+
+    @dbus_property(access=PropertyAccess.READ)
+    def MemoryUsed(self) -> "t":
+        return self._supervisor.memory_used()
+
+
+class BusService:
+    """Exports the API, mirrors owner events as signals, and guards property writes."""
+
+    def __init__(
+        self,
+        bus: ModeldMessageBus,
+        supervisor: Supervisor,
+        reload: Callable[[], Awaitable[None]],
+    ) -> None:
+        self._bus = bus
+        self._supervisor = supervisor
+        self._authorizer = Authorizer(bus)
+        self._requests = _Requests(supervisor, self._authorizer, bus)
+        self.manager = ManagerInterface(self._requests, reload)
+        self._models: dict[str, ModelInterface] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        bus.add_message_handler(self._on_message)
+        bus.export(MANAGER_PATH, self.manager)
+
+    def sync_models(self) -> None:
+        """Export an object per configured model; drop objects of removed models."""
+        names = {o.name for o in self._supervisor.owners()}
+        for name in list(self._models):
+            if name not in names:
+                self._bus.unexport(model_object_path(name), self._models.pop(name))
+        for name in sorted(names - set(self._models)):
+            interface = ModelInterface(name, self._requests)
+            self._models[name] = interface
+            self._bus.export(model_object_path(name), interface)
+
+    def _on_message(self, msg: Message) -> bool | None:
+        if msg.message_type is not MessageType.METHOD_CALL:
+            return None
+        self._authorizer.remember_sender(msg.sender)
+        if (
+            msg.interface == "org.freedesktop.DBus.Properties"
+            and msg.member == "Set"
+            and msg.path == MANAGER_PATH
+            and msg.body
+            and msg.body[0] == MANAGER_INTERFACE
+        ):
+            task = asyncio.create_task(self._on_property_set(msg))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            return True
+        return None
+
+    async def _on_property_set(self, msg: Message) -> None:
+        _iface, prop, variant = msg.body
+        try:
+            if prop != "MaxLoaded":
+                raise DBusError(
+                    "org.freedesktop.DBus.Error.PropertyReadOnly", f"property {prop} is read-only"
+                )
+            if variant.signature != "u":
+                raise DBusError(
+                    "org.freedesktop.DBus.Error.InvalidArgs", "MaxLoaded takes a uint32 (u)"
+                )
+            try:
+                await self._authorizer.check("set MaxLoaded")
+            except ModeldError as err:
+                raise DBusError(err.dbus_name, err.message) from None
+            self._supervisor.max_loaded = int(variant.value)
+            log.info("MaxLoaded set to %d", variant.value)
+            self.manager.emit_properties_changed({"MaxLoaded": int(variant.value)})
+            reply = Message.new_method_return(msg)
+        except DBusError as err:
+            reply = Message.new_error(msg, err.type, err.text)
+        if not msg.flags & 0x1:
+            self._bus.send(reply)
+
+    # -------------------------------------------------------- OwnerObserver interface
+
+    def on_status_changed(self, model: str, changed: dict[str, object]) -> None:
+        interface = self._models.get(model)
+        if interface is None:
+            return
+        properties = {
+            _STATUS_TO_PROPERTY[key]: str(value) if key == "state" else value
+            for key, value in changed.items()
+            if key in _STATUS_TO_PROPERTY
+        }
+        if properties:
+            interface.emit_properties_changed(properties)
+        if "state" in changed:
+            with contextlib.suppress(Exception):
+                self.manager.emit_properties_changed(
+                    {"LoadedCount": self._supervisor.loaded_count()}
+                )
+
+    def on_loaded(self, model: str) -> None:
+        self.manager.ModelLoaded(model, model_object_path(model))
+
+    def on_unloaded(self, model: str, reason: str) -> None:
+        self.manager.ModelUnloaded(model, model_object_path(model), reason)

@@ -1,0 +1,225 @@
+"""The modeld daemon: composition root and lifecycle (start, serve, reload, stop).
+
+Readiness is reported only once everything a client may touch works: the bus name is owned,
+every model object is exported and the HTTP socket is served. Signal handlers only set
+events; the main task does the work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import psutil
+
+from modeld import __version__
+from modeld.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
+from modeld.errors import InvalidConfig
+from modeld.supervisor.environment import default_backend_user
+
+if TYPE_CHECKING:
+    from modeld.bus.service import BusService
+    from modeld.supervisor.registry import Supervisor
+
+log = logging.getLogger("modeld")
+
+EXIT_CONFIG = 78
+BUS_NAME = "org.modeld1"
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="modeld", description="Supervise AI model backends.")
+    parser.add_argument("--config", type=Path, default=None, help="configuration file")
+    parser.add_argument(
+        "--user", action="store_true", help="per-user mode: use the session bus and user manager"
+    )
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
+    parser.add_argument("--version", action="version", version=f"modeld {__version__}")
+    return parser.parse_args(argv)
+
+
+class _JournalFormatter(logging.Formatter):
+    """``<N>`` syslog priority prefixes; journald adds timestamps itself."""
+
+    _PRIORITY = {"DEBUG": 7, "INFO": 6, "WARNING": 4, "ERROR": 3, "CRITICAL": 2}
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"<{self._PRIORITY.get(record.levelname, 6)}>{super().format(record)}"
+
+
+def _setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if os.environ.get("JOURNAL_STREAM"):
+        handler.setFormatter(_JournalFormatter("%(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler])
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def read_config(path: Path | None) -> Config:
+    return load_config(path, host_memory=psutil.virtual_memory().total)
+
+
+class Daemon:
+    """Owns the long-lived parts and runs the lifecycle."""
+
+    def __init__(self, args: argparse.Namespace, config: Config) -> None:
+        from modeld.system.notify import Notifier
+
+        self._args = args
+        self._config = config
+        self._notifier = Notifier()
+        self._stop = asyncio.Event()
+        self._reload_requested = asyncio.Event()
+        self._reload_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._supervisor: Supervisor | None = None
+        self._service: BusService | None = None
+
+    def _spawn(self, coro: object, name: str) -> None:
+        task = asyncio.ensure_future(coro)  # type: ignore[call-overload]
+        task.set_name(name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def run(self) -> int:
+        from modeld.bus.connection import BusType, NameFlag, RequestNameReply, connect
+        from modeld.http.app import HttpServer
+        from modeld.system.activation import bind_unix_socket, take_listen_sockets
+        from modeld.system.systemd import Systemd
+
+        started = time.monotonic()
+        sockets = take_listen_sockets()
+        bus = await connect(BusType.SESSION if self._args.user else BusType.SYSTEM)
+        systemd = Systemd(bus)
+        await systemd.subscribe()
+        user = default_backend_user(self._config.daemon.backend_user or None)
+        if user is None:
+            log.warning(
+                "backend user 'modeld' does not exist: backends run as modeld's own user"
+            )
+        from modeld.supervisor.registry import Supervisor
+
+        supervisor = Supervisor(self._config, systemd, self, default_user=user)
+        self._supervisor = supervisor
+        await supervisor.start()
+        for problem in supervisor.backends.problems:
+            log.warning("backend skipped: %s", problem)
+        from modeld.bus.service import BusService
+
+        service = BusService(bus, supervisor, self.reload)
+        self._service = service
+        service.sync_models()
+        reply = await bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
+        if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
+            log.error("could not own %s on the bus (reply %s); is modeld already running?", BUS_NAME, reply)
+            await supervisor.shutdown()
+            return 1
+        if not sockets:
+            sockets = [bind_unix_socket(self._config.daemon.runtime_dir / "api.sock")]
+        http = HttpServer(supervisor)
+        await http.start(sockets)
+
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self._stop.set)
+        loop.add_signal_handler(signal.SIGINT, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self._reload_requested.set)
+        if os.environ.get("MODELD_TEST_BLOCK_ON_SIGUSR2") == "1":
+            loop.add_signal_handler(signal.SIGUSR2, self._block_loop_for_tests)
+        interval = self._notifier.watchdog_interval()
+        if interval is not None:
+            self._spawn(self._notifier.run_watchdog(interval), "watchdog")
+        self._spawn(self._reload_on_sighup(), "sighup")
+
+        self._notifier.ready(supervisor.status_line())
+        log.info(
+            "modeld %s ready in %.0f ms: %d models configured",
+            __version__,
+            (time.monotonic() - started) * 1000,
+            len(self._config.models),
+        )
+        await self._stop.wait()
+
+        log.info("stopping")
+        self._notifier.stopping()
+        await http.stop()
+        await supervisor.shutdown()
+        for task in list(self._tasks):
+            task.cancel()
+        with contextlib.suppress(Exception):
+            await bus.release_name(BUS_NAME)
+        bus.disconnect()
+        return 0
+
+    def _block_loop_for_tests(self) -> None:
+        log.warning("MODELD_TEST_BLOCK_ON_SIGUSR2: blocking the event loop")
+        time.sleep(3600)
+
+    async def _reload_on_sighup(self) -> None:
+        while True:
+            await self._reload_requested.wait()
+            self._reload_requested.clear()
+            with contextlib.suppress(InvalidConfig):
+                await self.reload()
+
+    async def reload(self) -> None:
+        """Re-read the configuration; invalid configuration keeps the running one."""
+        async with self._reload_lock:
+            self._notifier.reloading()
+            try:
+                config = await asyncio.to_thread(read_config, self._args.config)
+            except ConfigError as err:
+                log.error("reload refused, keeping the running configuration: %s", err)
+                self._notifier.ready(f"reload failed: {err}")
+                raise InvalidConfig(str(err)) from None
+            assert self._supervisor is not None and self._service is not None
+            added, removed = await self._supervisor.reload(config)
+            self._config = config
+            self._service.sync_models()
+            log.info(
+                "configuration reloaded: %d models (%d added, %d removed)",
+                len(config.models),
+                len(added),
+                len(removed),
+            )
+            self._notifier.ready(self._supervisor.status_line())
+
+    # ----------------------------------------------------- OwnerObserver (fan-out)
+
+    def on_status_changed(self, model: str, changed: dict[str, object]) -> None:
+        if self._service is not None:
+            self._service.on_status_changed(model, changed)
+        if "state" in changed and self._supervisor is not None:
+            self._notifier.status(self._supervisor.status_line())
+
+    def on_loaded(self, model: str) -> None:
+        if self._service is not None:
+            self._service.on_loaded(model)
+
+    def on_unloaded(self, model: str, reason: str) -> None:
+        log.info("model %s unloaded (%s)", model, reason)
+        if self._service is not None:
+            self._service.on_unloaded(model, reason)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    _setup_logging(args.log_level)
+    try:
+        config = read_config(args.config)
+    except ConfigError as err:
+        log.error("invalid configuration: %s", err)
+        return EXIT_CONFIG
+    try:
+        return asyncio.run(Daemon(args, config).run())
+    except KeyboardInterrupt:
+        return 130

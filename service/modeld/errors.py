@@ -1,0 +1,60 @@
+"""One error hierarchy for everything modeld reports to callers.
+
+Each class carries a stable D-Bus error name. Messages are one line a person can act on;
+the D-Bus adapter maps these to ``DBusError`` and never lets a traceback cross the bus.
+"""
+
+from __future__ import annotations
+
+ERROR_PREFIX = "org.modeld1.Error."
+
+
+class ModeldError(Exception):
+    """Base class: an expected failure with a one-line message."""
+
+    dbus_name = ERROR_PREFIX + "Failed"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(message.split()))
+
+    @property
+    def message(self) -> str:
+        return str(self)
+
+
+class NoSuchModel(ModeldError):
+    dbus_name = ERROR_PREFIX + "NoSuchModel"
+
+
+class NoSuchBackend(ModeldError):
+    dbus_name = ERROR_PREFIX + "NoSuchBackend"
+
+
+class LoadFailed(ModeldError):
+    dbus_name = ERROR_PREFIX + "LoadFailed"
+
+
+class Busy(ModeldError):
+    dbus_name = ERROR_PREFIX + "Busy"
+
+
+class InsufficientResources(ModeldError):
+    dbus_name = ERROR_PREFIX + "InsufficientResources"
+
+
+class InvalidConfig(ModeldError):
+    dbus_name = ERROR_PREFIX + "InvalidConfig"
+
+
+class AccessDenied(ModeldError):
+    dbus_name = ERROR_PREFIX + "AccessDenied"
+
+
+class InvalidArgs(ModeldError):
+    dbus_name = "org.freedesktop.DBus.Error.InvalidArgs"
+
+
+class SystemdError(ModeldError):
+    """systemd refused or failed a job modeld asked for."""
+
+    dbus_name = ERROR_PREFIX + "LoadFailed"

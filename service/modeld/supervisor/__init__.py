@@ -1,0 +1,1 @@
+"""Backend supervision: one owner task per model, and the registry that admits loads."""

@@ -1,0 +1,583 @@
+"""The owner of one model: the only code that changes that model's state.
+
+Every public method is a thin client that posts a message to the owner's inbox; the owner
+task handles messages one at a time. Nobody outside reads the state to decide an action
+(no check-then-act): they ask the owner, which decides with the state it alone writes.
+
+A load runs as a sub-task of the owner so that an unload, a crash or a new request can be
+handled while it is in progress; an unload and the clean-up after a crash run inline, so
+requests that arrive meanwhile simply wait in the inbox. Every transition into a settled
+state resolves the futures waiting on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import psutil
+
+from modeld.config import ModelConfig
+from modeld.core.states import ModelState, check_transition
+from modeld.discovery import Backend
+from modeld.errors import LoadFailed, ModeldError, SystemdError
+from modeld.naming import SLICE, backend_socket, scope_name
+from modeld.supervisor.backend_client import BackendClient, build_model_options
+from modeld.supervisor.environment import backend_environment, credentials_for
+from modeld.supervisor.spawn import ExitStatus, GatedProcess
+from modeld.system import journal
+from modeld.system.cgroup import CgroupLayout, OomWatch
+from modeld.system.inotify import DirectoryWatch
+from modeld.system.systemd import UINT64_MAX, ScopeSpec, Systemd
+from modeld.units import format_size
+
+log = logging.getLogger(__name__)
+
+FREE_TIMEOUT = 1.0
+_EXIT_GRACE = 0.5
+
+
+@dataclass
+class ModelStatus:
+    """The published facts about one model. Written only by its owner."""
+
+    state: ModelState = ModelState.UNLOADED
+    unit: str = ""
+    control_group: str = ""
+    main_pid: int = 0
+    endpoint: str = ""
+    memory_max: int = UINT64_MAX
+    last_used_us: int = 0
+    in_flight: int = 0
+    pinned: bool = False
+    last_error: str = ""
+    load_count: int = 0
+
+
+class OwnerObserver(Protocol):
+    """Receives what owners commit; the D-Bus adapter and sd_notify status implement it."""
+
+    def on_status_changed(self, model: str, changed: dict[str, object]) -> None: ...
+
+    def on_loaded(self, model: str) -> None: ...
+
+    def on_unloaded(self, model: str, reason: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class OwnerContext:
+    """Everything an owner needs from the rest of modeld."""
+
+    systemd: Systemd
+    cgroups: CgroupLayout
+    runtime_dir: Path
+    stall_timeout: float
+    stop_timeout: float
+    resolve_backend: Callable[[str], Backend | None]
+    default_user: str | None
+
+
+@dataclass
+class _Backend:
+    """The running parts of one generation of a model's backend."""
+
+    generation: int
+    unit: str
+    socket: Path
+    started_us: int
+    process: GatedProcess | None = None
+    client: BackendClient | None = None
+    oom: OomWatch | None = None
+    scope_started: bool = False
+    stopping: bool = False
+    phase: str = "starting"
+    crash_status: ExitStatus | None = None
+    exited: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def address(self) -> str:
+        return f"unix:{self.socket}"
+
+
+@dataclass
+class _Load:
+    after: tuple[Awaitable[object], ...]
+    accepted: asyncio.Future[asyncio.Future[None]]
+
+
+@dataclass
+class _Unload:
+    reason: str
+    force: bool
+    accepted: asyncio.Future[asyncio.Future[None]]
+
+
+@dataclass
+class _Exited:
+    generation: int
+
+
+@dataclass
+class _LoadDone:
+    generation: int
+    error: BaseException | None
+
+
+@dataclass
+class _SetPinned:
+    pinned: bool
+
+
+@dataclass
+class _Lease:
+    delta: int
+
+
+@dataclass
+class _Reconfigure:
+    config: ModelConfig
+
+
+_Message = _Load | _Unload | _Exited | _LoadDone | _SetPinned | _Lease | _Reconfigure
+
+
+def _now_us() -> int:
+    return time.time_ns() // 1000
+
+
+class ModelOwner:
+    """Owns one configured model: its state, its backend process and its scope."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        context: OwnerContext,
+        observer: OwnerObserver,
+        *,
+        last_generation: int = 0,
+    ) -> None:
+        self.config = config
+        self.status = ModelStatus(memory_max=config.memory_max, pinned=config.pinned)
+        self._context = context
+        self._observer = observer
+        self._next_generation = last_generation + 1
+        self._inbox: asyncio.Queue[_Message] = asyncio.Queue()
+        self._backend: _Backend | None = None
+        self._load_task: asyncio.Task[None] | None = None
+        self._load_waiters: list[asyncio.Future[None]] = []
+        self._deferred_unloads: list[tuple[_Unload, asyncio.Future[None]]] = []
+        self._task = asyncio.create_task(self._run(), name=f"owner:{config.name}")
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    # ----------------------------------------------------------------- thin clients
+
+    async def request_load(self, after: Sequence[Awaitable[object]] = ()) -> asyncio.Future[None]:
+        """Ask for a load; returns once accepted, with a future for its completion.
+
+        A model that is loading or ready is not started again: the caller joins the load.
+        ``after`` are awaited before a new backend starts (evictions making room).
+        """
+        accepted: asyncio.Future[asyncio.Future[None]] = asyncio.get_running_loop().create_future()
+        self._inbox.put_nowait(_Load(tuple(after), accepted))
+        return await accepted
+
+    async def request_unload(self, reason: str, *, force: bool = False) -> asyncio.Future[None]:
+        """Ask for an unload; returns once accepted, with a future for its completion."""
+        accepted: asyncio.Future[asyncio.Future[None]] = asyncio.get_running_loop().create_future()
+        self._inbox.put_nowait(_Unload(reason, force, accepted))
+        return await accepted
+
+    def set_pinned(self, pinned: bool) -> None:
+        self._inbox.put_nowait(_SetPinned(pinned))
+
+    def lease_changed(self, delta: int) -> None:
+        """An in-flight request or lease began (+1) or ended (-1)."""
+        self._inbox.put_nowait(_Lease(delta))
+
+    def reconfigure(self, config: ModelConfig) -> None:
+        """Use ``config`` from the next load on (a running backend keeps its settings)."""
+        self._inbox.put_nowait(_Reconfigure(config))
+
+    async def close(self) -> None:
+        """Stop the backend (reason ``shutdown``) and end the owner task."""
+        done = await self.request_unload("shutdown", force=True)
+        with contextlib.suppress(ModeldError):
+            await done
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+    # ------------------------------------------------------------------ the owner task
+
+    async def _run(self) -> None:
+        while True:
+            message = await self._inbox.get()
+            try:
+                await self._handle(message)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("model %s: internal error handling %s", self.name, type(message).__name__)
+
+    async def _handle(self, message: _Message) -> None:
+        match message:
+            case _Load():
+                self._on_load(message)
+            case _Unload():
+                await self._on_unload(message)
+            case _Exited():
+                await self._on_exited(message)
+            case _LoadDone():
+                await self._on_load_done(message)
+            case _SetPinned(pinned=pinned):
+                self._set(pinned=pinned)
+            case _Lease(delta=delta):
+                await self._on_lease(delta)
+            case _Reconfigure(config=config):
+                self.config = config
+                if not self.status.state.occupies_slot:
+                    self._set(memory_max=config.memory_max)
+
+    def _set(self, **changes: object) -> None:
+        changed = {}
+        for key, value in changes.items():
+            if getattr(self.status, key) != value:
+                setattr(self.status, key, value)
+                changed[key] = value
+        if changed:
+            self._observer.on_status_changed(self.name, changed)
+
+    def _set_state(self, state: ModelState, **changes: object) -> None:
+        old = self.status.state
+        check_transition(old, state)
+        log.info("model %s: %s -> %s", self.name, old, state)
+        self._set(state=state, **changes)
+
+    # ------------------------------------------------------------------------- load
+
+    def _on_load(self, message: _Load) -> None:
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        state = self.status.state
+        if state.serving:
+            done.set_result(None)
+        elif state is ModelState.LOADING:
+            self._load_waiters.append(done)
+        else:
+            self._load_waiters.append(done)
+            self._start_load(message.after)
+        message.accepted.set_result(done)
+
+    def _start_load(self, after: Sequence[Awaitable[object]]) -> None:
+        generation = self._next_generation
+        self._next_generation += 1
+        backend = _Backend(
+            generation=generation,
+            unit=scope_name(self.name, generation),
+            socket=backend_socket(self._context.runtime_dir, self.name),
+            started_us=_now_us(),
+        )
+        self._backend = backend
+        self._set_state(
+            ModelState.LOADING,
+            unit=backend.unit,
+            endpoint=backend.address,
+            last_error="",
+            memory_max=self.config.memory_max,
+        )
+        self._load_task = asyncio.create_task(
+            self._load_procedure(backend, after), name=f"load:{self.name}"
+        )
+        self._load_task.add_done_callback(lambda task: self._post_load_done(backend, task))
+
+    def _post_load_done(self, backend: _Backend, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        self._inbox.put_nowait(_LoadDone(backend.generation, task.exception()))
+
+    async def _load_procedure(self, backend: _Backend, after: Sequence[Awaitable[object]]) -> None:
+        if after:
+            backend.phase = "waiting for evictions"
+            await asyncio.gather(*after, return_exceptions=True)
+        config = self.config
+        definition = self._context.resolve_backend(config.backend)
+        if definition is None:
+            raise LoadFailed(f"backend '{config.backend}' of model {self.name} is not installed")
+        options = build_model_options(config.model, config.options)
+        credentials = credentials_for(config.user or self._context.default_user)
+        socket_dir = backend.socket.parent
+        with contextlib.suppress(FileNotFoundError):
+            backend.socket.unlink()
+        output_fd = journal.open_journal_stream(self.name)
+        if output_fd is None:
+            output_fd = journal.open_log_file(socket_dir / f"{backend.socket.stem}.log")
+        with DirectoryWatch(socket_dir) as watch:
+            try:
+                backend.process = GatedProcess(
+                    [str(definition.run), "--addr", backend.address],
+                    env=backend_environment(self.name),
+                    cwd=str(definition.directory),
+                    output_fd=output_fd,
+                    credentials=credentials,
+                    on_exit=lambda status: self._on_process_exit(backend, status),
+                )
+            finally:
+                os.close(output_fd)
+            self._set(main_pid=backend.process.pid)
+            backend.phase = "creating its scope"
+            await self._start_scope(backend)
+            backend.process.open_gate()
+            backend.client = BackendClient(backend.address)
+            await self._guard_stall(backend, self._handshake(backend, watch, options))
+
+    async def _start_scope(self, backend: _Backend) -> None:
+        assert backend.process is not None
+        config = self.config
+        spec = ScopeSpec(
+            unit=backend.unit,
+            description=f"modeld backend for model {self.name} ({config.backend})",
+            slice=SLICE,
+            memory_max=config.memory_max,
+            memory_high=config.memory_high,
+            tasks_max=config.tasks_max,
+            cpu_weight=config.cpu_weight,
+            stop_timeout_s=self._context.stop_timeout,
+        )
+        await self._context.systemd.start_scope(spec, backend.process.pid)
+        backend.scope_started = True
+        control_group = await self._context.systemd.unit_property(
+            backend.unit, "Scope", "ControlGroup"
+        )
+        if control_group:
+            backend.oom = OomWatch(self._context.cgroups, control_group)
+            self._set(control_group=control_group)
+
+    async def _handshake(self, backend: _Backend, watch: DirectoryWatch, options: Any) -> None:
+        assert backend.client is not None
+        backend.phase = "waiting for its socket"
+        await watch.wait_for(backend.socket.name)
+        backend.phase = "waiting for Health"
+        await backend.client.health()
+        backend.phase = "in LoadModel"
+        await backend.client.load_model(options)
+
+    def _progress_sample(self, backend: _Backend) -> tuple[float, int]:
+        """CPU time and memory of the scope's processes: changes mean the load progresses."""
+        cpu = 0.0
+        if backend.process is not None and backend.process.exit_status is None:
+            with contextlib.suppress(psutil.Error):
+                root = psutil.Process(backend.process.pid)
+                for proc in [root, *root.children(recursive=True)]:
+                    with contextlib.suppress(psutil.Error):
+                        times = proc.cpu_times()
+                        cpu += times.user + times.system
+        memory = 0
+        if self.status.control_group:
+            memory = self._context.cgroups.memory_current(self.status.control_group) or 0
+        return cpu, memory
+
+    async def _guard_stall(self, backend: _Backend, work: Awaitable[None]) -> None:
+        """Run ``work`` until done; fail it only after a whole stall timeout without progress."""
+        task = asyncio.ensure_future(work)
+        last = self._progress_sample(backend)
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=self._context.stall_timeout)
+                if done:
+                    return task.result()
+                sample = self._progress_sample(backend)
+                if sample == last:
+                    raise LoadFailed(
+                        f"backend made no progress for {self._context.stall_timeout:g}s"
+                        f" while {backend.phase}"
+                    )
+                last = sample
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
+    def _on_process_exit(self, backend: _Backend, status: ExitStatus) -> None:
+        if backend.oom is not None:
+            backend.oom.process_exited = True
+        if not backend.stopping:
+            backend.crash_status = status
+        backend.exited.set()
+        self._inbox.put_nowait(_Exited(backend.generation))
+
+    async def _on_load_done(self, message: _LoadDone) -> None:
+        backend = self._backend
+        if backend is None or backend.generation != message.generation:
+            return
+        if self.status.state is not ModelState.LOADING:
+            return
+        self._load_task = None
+        if message.error is None:
+            state = ModelState.BUSY if self.status.in_flight else ModelState.READY
+            self._set_state(state, load_count=self.status.load_count + 1, last_used_us=_now_us())
+            self._resolve_waiters(None)
+            self._observer.on_loaded(self.name)
+            return
+        if backend.crash_status is None and backend.process is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(backend.exited.wait(), _EXIT_GRACE)
+        summary = (
+            message.error.message
+            if isinstance(message.error, ModeldError)
+            else f"{type(message.error).__name__}: {message.error}"
+        )
+        await self._fail(backend, summary)
+
+    def _resolve_waiters(self, error: ModeldError | None) -> None:
+        waiters, self._load_waiters = self._load_waiters, []
+        for waiter in waiters:
+            if waiter.done():
+                continue
+            if error is None:
+                waiter.set_result(None)
+            else:
+                waiter.set_exception(error)
+
+    # ---------------------------------------------------------------- crash and fail
+
+    async def _on_exited(self, message: _Exited) -> None:
+        backend = self._backend
+        if backend is None or backend.generation != message.generation:
+            return
+        state = self.status.state
+        if state is ModelState.LOADING:
+            await self._cancel_load()
+            await self._fail(backend, "")
+        elif state.serving:
+            await self._fail(backend, "")
+
+    async def _cancel_load(self) -> None:
+        task, self._load_task = self._load_task, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    async def _fail(self, backend: _Backend, summary: str) -> None:
+        """Tear the backend down and settle in ``failed`` with a reason and LastError."""
+        was_loading = self.status.state is ModelState.LOADING
+        crash = backend.crash_status
+        if crash is not None and backend.oom is not None:
+            backend.oom.check()
+        scope_result = await self._teardown(backend)
+        reason = "failed"
+        if crash is not None:
+            oom = crash.signal == 9 and (
+                scope_result == "oom-kill" or (backend.oom is not None and backend.oom.seen)
+            )
+            reason = "oom" if oom else "crashed"
+            summary = f"backend {crash.describe()}"
+            if oom:
+                summary += f" after exceeding its memory limit ({format_size(self.config.memory_max)})"
+            if was_loading:
+                summary += f" while {backend.phase}"
+        tail = await journal.journal_tail(self.name, backend.started_us)
+        if not tail:
+            tail = journal.file_tail(backend.socket.parent / f"{backend.socket.stem}.log")
+        last_error = summary + ("\n" + "\n".join(tail) if tail else "")
+        log.warning("model %s: %s", self.name, summary)
+        self._backend = None
+        self._set_state(ModelState.FAILED, last_error=last_error, in_flight=0)
+        detail = f"; last output: {tail[-1]}" if tail else ""
+        self._resolve_waiters(LoadFailed(f"{self.name}: {summary}{detail}"))
+        self._observer.on_unloaded(self.name, reason)
+
+    async def _teardown(self, backend: _Backend) -> str | None:
+        """Stop everything of ``backend``; returns the scope's Result when it had one."""
+        backend.stopping = True
+        systemd = self._context.systemd
+        result: str | None = None
+        try:
+            if backend.scope_started:
+                await systemd.stop_unit(backend.unit)
+            elif backend.process is not None:
+                backend.process.kill()
+        except SystemdError as err:
+            log.warning("model %s: %s; killing the process", self.name, err)
+            if backend.process is not None:
+                backend.process.kill()
+        if backend.process is not None:
+            try:
+                await asyncio.wait_for(backend.exited.wait(), self._context.stop_timeout + 5)
+            except TimeoutError:
+                backend.process.kill()
+                await backend.exited.wait()
+            backend.process.close()
+        if backend.scope_started:
+            result = await systemd.unit_property(backend.unit, "Scope", "Result")
+            await systemd.kill_unit(backend.unit, 9)
+            await systemd.unref_unit(backend.unit)
+        if backend.oom is not None:
+            backend.oom.close()
+        if backend.client is not None:
+            await backend.client.close()
+        with contextlib.suppress(FileNotFoundError):
+            backend.socket.unlink()
+        self._set(unit="", control_group="", main_pid=0, endpoint="", in_flight=0)
+        return result
+
+    # ----------------------------------------------------------------------- unload
+
+    async def _on_unload(self, message: _Unload) -> None:
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        state = self.status.state
+        backend = self._backend
+        if state is ModelState.FAILED:
+            self._set_state(ModelState.UNLOADED)
+        if backend is None or not state.occupies_slot:
+            done.set_result(None)
+            message.accepted.set_result(done)
+            return
+        if state.serving and self.status.in_flight > 0 and not message.force:
+            self._deferred_unloads.append((message, done))
+            message.accepted.set_result(done)
+            return
+        message.accepted.set_result(done)
+        await self._unload_now(backend, message.reason)
+        done.set_result(None)
+
+    async def _unload_now(self, backend: _Backend, reason: str) -> None:
+        was_loading = self.status.state is ModelState.LOADING
+        self._set_state(ModelState.UNLOADING)
+        if was_loading:
+            await self._cancel_load()
+            self._resolve_waiters(LoadFailed(f"{self.name}: load cancelled ({reason} unload)"))
+        elif backend.client is not None and backend.crash_status is None:
+            await backend.client.free(FREE_TIMEOUT)
+        await self._teardown(backend)
+        self._backend = None
+        self._set_state(ModelState.UNLOADED)
+        self._observer.on_unloaded(self.name, reason)
+        for unload, done in self._deferred_unloads:
+            if not done.done():
+                done.set_result(None)
+        self._deferred_unloads.clear()
+
+    async def _on_lease(self, delta: int) -> None:
+        in_flight = max(0, self.status.in_flight + delta)
+        state = self.status.state
+        self._set(in_flight=in_flight, last_used_us=_now_us())
+        if state is ModelState.READY and in_flight > 0:
+            self._set_state(ModelState.BUSY)
+        elif state is ModelState.BUSY and in_flight == 0:
+            self._set_state(ModelState.READY)
+        if in_flight == 0 and self._deferred_unloads and self._backend is not None:
+            unload, _ = self._deferred_unloads[0]
+            await self._unload_now(self._backend, unload.reason)
+
+

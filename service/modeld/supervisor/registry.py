@@ -1,0 +1,228 @@
+"""The supervisor: one owner per configured model, and admission of loads.
+
+Admission is serialised: the policy sees a snapshot, and the plan it returns (evictions,
+then the load) is handed to the owners before the next admission takes its snapshot, so two
+concurrent loads can never both fit into the last slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from modeld.config import Config, ModelConfig
+from modeld.core.policy import Limits, ModelSnapshot, Plan, plan_load
+from modeld.core.states import ModelState
+from modeld.discovery import BackendIndex, discover_backends, effective_backend_dirs
+from modeld.errors import InsufficientResources, NoSuchModel
+from modeld.naming import UNIT_PREFIX, parse_scope_name, unit_escape
+from modeld.supervisor.owner import ModelOwner, ModelStatus, OwnerContext, OwnerObserver
+from modeld.system.cgroup import CgroupLayout
+from modeld.system.systemd import Systemd
+
+log = logging.getLogger(__name__)
+
+PlanFunction = Callable[[str, list[ModelSnapshot], Limits], Plan]
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A client's claim on a model: it counts as in use until the fd is closed."""
+
+    endpoint: str
+    client_fd: int
+
+
+class Supervisor:
+    """Routes requests to model owners and decides admission through the policy."""
+
+    def __init__(
+        self,
+        config: Config,
+        systemd: Systemd,
+        observer: OwnerObserver,
+        *,
+        cgroups: CgroupLayout | None = None,
+        default_user: str | None = None,
+        plan: PlanFunction = plan_load,
+    ) -> None:
+        self.config = config
+        self._systemd = systemd
+        self._observer = observer
+        self._cgroups = cgroups or CgroupLayout.detect()
+        self._default_user = default_user
+        self._plan = plan
+        self._admission = asyncio.Lock()
+        self._owners: dict[str, ModelOwner] = {}
+        self._generations: dict[str, int] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.backends: BackendIndex = discover_backends(
+            effective_backend_dirs(config.daemon.backends_dirs)
+        )
+        self.max_loaded = config.daemon.max_loaded
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Prepare the runtime dir, clear scopes left by an earlier run, create owners."""
+        backends_dir = self.config.daemon.runtime_dir / "backends"
+        backends_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(backends_dir, 0o1733)
+        await self._collect_leftover_scopes()
+        for model in self.config.models.values():
+            self._add_owner(model)
+
+    async def _collect_leftover_scopes(self) -> None:
+        for unit, _state in await self._systemd.list_units([f"{UNIT_PREFIX}*.scope"]):
+            parsed = parse_scope_name(unit)
+            if parsed is None:
+                continue
+            escaped, generation = parsed
+            self._generations[escaped] = max(self._generations.get(escaped, 0), generation)
+            log.warning("stopping %s left behind by an earlier modeld", unit)
+            await self._systemd.stop_unit(unit)
+            await self._systemd.unref_unit(unit)
+
+    def _add_owner(self, model: ModelConfig) -> ModelOwner:
+        context = OwnerContext(
+            systemd=self._systemd,
+            cgroups=self._cgroups,
+            runtime_dir=self.config.daemon.runtime_dir,
+            stall_timeout=self.config.daemon.load_stall_timeout,
+            stop_timeout=self.config.daemon.stop_timeout,
+            resolve_backend=self.backends.resolve,
+            default_user=self._default_user,
+        )
+        owner = ModelOwner(
+            model,
+            context,
+            self._observer,
+            last_generation=self._generations.get(unit_escape(model.name), 0),
+        )
+        self._owners[model.name] = owner
+        return owner
+
+    async def shutdown(self) -> None:
+        """Stop every backend (reason ``shutdown``) and end the owners."""
+        await asyncio.gather(*(owner.close() for owner in self._owners.values()))
+        for task in list(self._tasks):
+            task.cancel()
+
+    async def reload(self, config: Config) -> tuple[list[str], list[str]]:
+        """Switch to ``config``: returns (added, removed) model names.
+
+        Removed models are unloaded first; changed models use their new settings from
+        their next load on.
+        """
+        removed = [name for name in self._owners if name not in config.models]
+        added = [name for name in config.models if name not in self._owners]
+        for name in removed:
+            owner = self._owners.pop(name)
+            await owner.close()
+        self.config = config
+        self.max_loaded = config.daemon.max_loaded
+        self.backends = discover_backends(effective_backend_dirs(config.daemon.backends_dirs))
+        for name, model in config.models.items():
+            if name in self._owners:
+                self._owners[name].reconfigure(model)
+            else:
+                self._add_owner(model)
+        return added, removed
+
+    # ---------------------------------------------------------------------- views
+
+    def owner(self, name: str) -> ModelOwner:
+        owner = self._owners.get(name)
+        if owner is None:
+            raise NoSuchModel(f"no model named {name!r} is configured")
+        return owner
+
+    def owners(self) -> Iterable[ModelOwner]:
+        return self._owners.values()
+
+    def status(self, name: str) -> ModelStatus:
+        return self.owner(name).status
+
+    def loaded_count(self) -> int:
+        return sum(1 for o in self._owners.values() if o.status.state.occupies_slot)
+
+    def memory_used(self) -> int:
+        total = 0
+        for owner in self._owners.values():
+            if owner.status.control_group:
+                total += self._cgroups.memory_current(owner.status.control_group) or 0
+        return total
+
+    def memory_current(self, name: str) -> int:
+        control_group = self.status(name).control_group
+        if not control_group:
+            return 0
+        return self._cgroups.memory_current(control_group) or 0
+
+    def _snapshot(self) -> list[ModelSnapshot]:
+        return [
+            ModelSnapshot(
+                name=o.name,
+                state=o.status.state,
+                last_used_us=o.status.last_used_us,
+                in_flight=o.status.in_flight,
+                pinned=o.status.pinned,
+            )
+            for o in self._owners.values()
+        ]
+
+    # ------------------------------------------------------------------- requests
+
+    async def load(self, name: str) -> asyncio.Future[None]:
+        """Admit a load of ``name`` (evicting as the policy says); returns its completion."""
+        owner = self.owner(name)
+        async with self._admission:
+            plan = self._plan(name, self._snapshot(), Limits(max_loaded=self.max_loaded))
+            if plan.refusal is not None:
+                raise InsufficientResources(plan.refusal)
+            evictions = []
+            for eviction in plan.evict:
+                log.info("evicting %s (%s) to load %s", eviction.name, eviction.reason, name)
+                victim = self._owners[eviction.name]
+                evictions.append(await victim.request_unload(eviction.reason))
+            return await owner.request_load(after=evictions)
+
+    async def unload(self, name: str, *, force: bool = False) -> asyncio.Future[None]:
+        return await self.owner(name).request_unload("requested", force=force)
+
+    def set_pinned(self, name: str, pinned: bool) -> None:
+        self.owner(name).set_pinned(pinned)
+
+    async def acquire(self, name: str) -> Lease:
+        """Load ``name`` if needed and hand out a lease fd that keeps it in use."""
+        owner = self.owner(name)
+        await (await self.load(name))
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        ours.setblocking(False)
+        owner.lease_changed(+1)
+        loop = asyncio.get_running_loop()
+
+        def on_released() -> None:
+            with contextlib.suppress(BlockingIOError):
+                if ours.recv(64):
+                    return
+            loop.remove_reader(ours.fileno())
+            ours.close()
+            owner.lease_changed(-1)
+
+        loop.add_reader(ours.fileno(), on_released)
+        endpoint = owner.status.endpoint
+        return Lease(endpoint=endpoint, client_fd=theirs.detach())
+
+    def status_line(self) -> str:
+        """One line for systemd's STATUS=: what is loaded."""
+        serving = [o for o in self._owners.values() if o.status.state is not ModelState.UNLOADED]
+        parts = [f"{o.name} ({o.status.state})" for o in serving]
+        loaded = self.loaded_count()
+        head = f"{loaded} of {len(self._owners)} models loaded"
+        return head + (": " + ", ".join(parts) if parts else "")

@@ -1,0 +1,130 @@
+"""Starting a backend process behind a gate, so it runs only once it is in its scope.
+
+The child is a tiny shell that blocks reading its stdin (a pipe) until modeld writes
+``go``; modeld moves it into its transient scope first. If modeld fails before that, the
+pipe closes, the gate exits 111 and the backend never runs outside its cgroup.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+GATE_EXIT_STATUS = 111
+_GATE_SCRIPT = 'IFS= read -r token && [ "$token" = go ] || exit 111; exec "$@" </dev/null'
+
+
+@dataclass(frozen=True, slots=True)
+class ExitStatus:
+    """How a process ended: ``code`` for exit(), ``signal`` when killed."""
+
+    code: int | None
+    signal: int | None
+
+    @classmethod
+    def from_wait_status(cls, status: int) -> ExitStatus:
+        if os.WIFSIGNALED(status):
+            return cls(code=None, signal=os.WTERMSIG(status))
+        return cls(code=os.waitstatus_to_exitcode(status), signal=None)
+
+    def describe(self) -> str:
+        if self.signal is not None:
+            try:
+                name = signal.Signals(self.signal).name
+            except ValueError:
+                name = str(self.signal)
+            return f"killed by {name}"
+        return f"exited with status {self.code}"
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    uid: int
+    gid: int
+
+
+class GatedProcess:
+    """A spawned, still gated backend. Exit is reported once through ``on_exit``."""
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str],
+        cwd: str,
+        output_fd: int,
+        credentials: Credentials | None,
+        on_exit: Callable[[ExitStatus], None],
+    ) -> None:
+        gate_read, self._gate_write = os.pipe2(os.O_CLOEXEC)
+        try:
+            kwargs: dict[str, object] = {}
+            if credentials is not None:
+                kwargs = {"user": credentials.uid, "group": credentials.gid, "extra_groups": []}
+            self._popen = subprocess.Popen(
+                ["/bin/sh", "-c", _GATE_SCRIPT, "modeld-gate", *argv],
+                stdin=gate_read,
+                stdout=output_fd,
+                stderr=output_fd,
+                env=dict(env),
+                cwd=cwd,
+                start_new_session=True,
+                close_fds=True,
+                **kwargs,  # type: ignore[arg-type]
+            )
+        except BaseException:
+            os.close(self._gate_write)
+            raise
+        finally:
+            os.close(gate_read)
+        self.pid = self._popen.pid
+        self._on_exit = on_exit
+        self.exit_status: ExitStatus | None = None
+        self._pidfd = os.pidfd_open(self.pid)
+        asyncio.get_running_loop().add_reader(self._pidfd, self._on_pidfd)
+
+    def open_gate(self) -> None:
+        """Let the backend exec; call only once it is inside its scope."""
+        os.write(self._gate_write, b"go\n")
+        self._close_gate()
+
+    def _close_gate(self) -> None:
+        if self._gate_write >= 0:
+            os.close(self._gate_write)
+            self._gate_write = -1
+
+    def _on_pidfd(self) -> None:
+        try:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:
+            pid, status = self.pid, 0
+        if pid == 0:
+            return
+        self._stop_watching()
+        self._popen.returncode = os.waitstatus_to_exitcode(status)
+        self.exit_status = ExitStatus.from_wait_status(status)
+        self._on_exit(self.exit_status)
+
+    def _stop_watching(self) -> None:
+        if self._pidfd >= 0:
+            asyncio.get_running_loop().remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = -1
+        self._close_gate()
+
+    def kill(self) -> None:
+        """SIGKILL the process if it has not been reaped yet (pidfd: no PID reuse race)."""
+        if self._pidfd >= 0:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+
+    def close(self) -> None:
+        """Drop the gate and stop watching (after exit, or when abandoning the process)."""
+        self._close_gate()
+        if self.exit_status is None and self._pidfd >= 0:
+            self.kill()

@@ -1,0 +1,1 @@
+"""Thin adapters to the operating system: systemd, cgroups, journald, sd_notify, inotify."""

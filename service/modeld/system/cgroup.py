@@ -1,0 +1,121 @@
+"""Reading a scope's memory cgroup on cgroup v2 and on hybrid (v1 memory) hosts.
+
+cgroup v2 is the production target; the test machines mount the memory controller on v1.
+Files read here are small in-kernel sysfs files: reads do not block.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+@dataclass(frozen=True, slots=True)
+class CgroupLayout:
+    """Where the memory controller lives and which file names it uses."""
+
+    memory_root: Path
+    unified: bool
+
+    @classmethod
+    def detect(cls, root: Path = CGROUP_ROOT) -> CgroupLayout:
+        if (root / "cgroup.controllers").exists():
+            return cls(memory_root=root, unified=True)
+        return cls(memory_root=root / "memory", unified=False)
+
+    def memory_dir(self, control_group: str) -> Path:
+        return self.memory_root / control_group.lstrip("/")
+
+    def memory_current(self, control_group: str) -> int | None:
+        name = "memory.current" if self.unified else "memory.usage_in_bytes"
+        return _read_int(self.memory_dir(control_group) / name)
+
+    def in_oom(self, control_group: str) -> bool:
+        """True when the cgroup is under OOM now or has had an OOM kill."""
+        name = "memory.events" if self.unified else "memory.oom_control"
+        try:
+            text = (self.memory_dir(control_group) / name).read_text()
+        except OSError:
+            return False
+        counters = dict(line.split(" ", 1) for line in text.splitlines() if " " in line)
+        return int(counters.get("oom_kill", 0)) > 0 or int(counters.get("under_oom", 0)) > 0
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        return int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class OomWatch:
+    """Calls ``on_oom`` when the kernel OOM-kills inside a cgroup (v1: eventfd notifier).
+
+    On cgroup v2 systemd reports ``Result=oom-kill`` on the scope instead, so this watch
+    only reads ``memory.events`` when asked.
+    """
+
+    def __init__(
+        self, layout: CgroupLayout, control_group: str, on_oom: Callable[[], None] | None = None
+    ) -> None:
+        self._layout = layout
+        self._control_group = control_group
+        self._on_oom = on_oom
+        self._eventfd = -1
+        self.seen = False
+        """True once an OOM kill in the cgroup was observed."""
+        self.process_exited = False
+        """Set by the owner when the backend's exit was seen: cgroup removal (which also
+        wakes the eventfd) can only come after it, so earlier wake-ups are OOM events."""
+        if not layout.unified:
+            self._arm_v1()
+
+    def _arm_v1(self) -> None:
+        directory = self._layout.memory_dir(self._control_group)
+        try:
+            control = os.open(directory / "memory.oom_control", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as err:
+            log.warning("cannot watch %s for OOM kills: %s", directory, err)
+            return
+        try:
+            self._eventfd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            (directory / "cgroup.event_control").write_text(f"{self._eventfd} {control}")
+        except OSError as err:
+            log.warning("cannot watch %s for OOM kills: %s", directory, err)
+            self.close()
+            return
+        finally:
+            os.close(control)
+        asyncio.get_running_loop().add_reader(self._eventfd, self._on_event)
+
+    def _on_event(self) -> None:
+        with contextlib.suppress(OSError):
+            os.eventfd_read(self._eventfd)
+        if self.seen:
+            return
+        if self.check() or not self.process_exited:
+            self.seen = True
+            if self._on_oom is not None:
+                self._on_oom()
+
+    def check(self) -> bool:
+        """Read the cgroup's OOM-kill counter now (while the cgroup still exists)."""
+        if self._layout.in_oom(self._control_group):
+            self.seen = True
+        return self.seen
+
+    def close(self) -> None:
+        if self._eventfd >= 0:
+            with contextlib.suppress(ValueError, RuntimeError):
+                asyncio.get_running_loop().remove_reader(self._eventfd)
+            os.close(self._eventfd)
+            self._eventfd = -1

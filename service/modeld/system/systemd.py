@@ -1,0 +1,177 @@
+"""Client of systemd's manager over D-Bus: transient scopes and their jobs.
+
+Waiting for a job is race-free: the JobRemoved match and ``Subscribe()`` are installed once,
+before any job is started, and results that arrive before their waiter (dbus-next may
+dispatch the signal in the same read batch as the method reply) are kept in ``_early``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from modeld.bus.connection import DBusError, Message, MessageBus, MessageType, Variant, call
+from modeld.errors import SystemdError
+
+log = logging.getLogger(__name__)
+
+SYSTEMD = "org.freedesktop.systemd1"
+SYSTEMD_PATH = "/org/freedesktop/systemd1"
+MANAGER = "org.freedesktop.systemd1.Manager"
+UINT64_MAX = 2**64 - 1
+JOB_TIMEOUT = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class ScopeSpec:
+    """Resource settings of one backend scope."""
+
+    unit: str
+    description: str
+    slice: str
+    memory_max: int
+    memory_high: int | None
+    tasks_max: int
+    cpu_weight: int
+    stop_timeout_s: float
+
+
+def unit_object_path(unit: str) -> str:
+    out = []
+    for byte in unit.encode():
+        char = chr(byte)
+        out.append(char if char.isascii() and char.isalnum() else f"_{byte:02x}")
+    return "/org/freedesktop/systemd1/unit/" + "".join(out)
+
+
+class Systemd:
+    """Starts, stops and inspects units. One instance per bus connection."""
+
+    def __init__(self, bus: MessageBus) -> None:
+        self._bus = bus
+        self._early: dict[str, str] = {}
+        self._waiters: dict[str, asyncio.Future[str]] = {}
+
+    async def subscribe(self) -> None:
+        """Install the JobRemoved match; must run before the first job is started."""
+        self._bus.add_message_handler(self._on_message)
+        await call(
+            self._bus,
+            "org.freedesktop.DBus",
+            "/org/freedesktop/DBus",
+            "org.freedesktop.DBus",
+            "AddMatch",
+            "s",
+            [
+                f"type='signal',sender='{SYSTEMD}',interface='{MANAGER}',"
+                "member='JobRemoved',path='/org/freedesktop/systemd1'"
+            ],
+        )
+        await self._manager("Subscribe")
+
+    def _on_message(self, msg: Message) -> None:
+        if (
+            msg.message_type is MessageType.SIGNAL
+            and msg.member == "JobRemoved"
+            and msg.interface == MANAGER
+        ):
+            _job_id, job, _unit, result = msg.body
+            waiter = self._waiters.pop(job, None)
+            if waiter is None:
+                self._early[job] = result
+                if len(self._early) > 1024:
+                    self._early.pop(next(iter(self._early)))
+            elif not waiter.done():
+                waiter.set_result(result)
+
+    async def _manager(self, member: str, signature: str = "", body: list[Any] | None = None) -> list[Any]:
+        return await call(self._bus, SYSTEMD, SYSTEMD_PATH, MANAGER, member, signature, body)
+
+    async def _wait_job(self, job: str, what: str) -> str:
+        result = self._early.pop(job, None)
+        if result is None:
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters[job] = waiter
+            try:
+                result = await asyncio.wait_for(waiter, JOB_TIMEOUT)
+            except TimeoutError:
+                raise SystemdError(f"systemd did not finish {what} within {JOB_TIMEOUT:.0f}s") from None
+            finally:
+                self._waiters.pop(job, None)
+        return result
+
+    async def start_scope(self, spec: ScopeSpec, pid: int) -> None:
+        """Create ``spec.unit`` holding ``pid`` and wait until the start job is done."""
+        props: list[list[Any]] = [
+            ["Description", Variant("s", spec.description)],
+            ["Slice", Variant("s", spec.slice)],
+            ["PIDs", Variant("au", [pid])],
+            ["MemoryAccounting", Variant("b", True)],
+            ["MemoryMax", Variant("t", spec.memory_max)],
+            ["TasksAccounting", Variant("b", True)],
+            ["TasksMax", Variant("t", spec.tasks_max)],
+            ["CPUWeight", Variant("t", spec.cpu_weight)],
+            ["TimeoutStopUSec", Variant("t", int(spec.stop_timeout_s * 1_000_000))],
+            ["OOMPolicy", Variant("s", "stop")],
+            ["AddRef", Variant("b", True)],
+            ["CollectMode", Variant("s", "inactive-or-failed")],
+        ]
+        if spec.memory_high is not None:
+            props.append(["MemoryHigh", Variant("t", spec.memory_high)])
+        try:
+            (job,) = await self._manager(
+                "StartTransientUnit", "ssa(sv)a(sa(sv))", [spec.unit, "fail", props, []]
+            )
+        except DBusError as err:
+            raise SystemdError(f"systemd refused to create {spec.unit}: {err.text}") from None
+        result = await self._wait_job(job, f"starting {spec.unit}")
+        if result != "done":
+            raise SystemdError(f"starting {spec.unit} ended with result '{result}'")
+
+    async def stop_unit(self, unit: str) -> None:
+        """Stop ``unit`` (SIGTERM, then SIGKILL after its stop timeout) and wait for it."""
+        try:
+            (job,) = await self._manager("StopUnit", "ss", [unit, "replace"])
+        except DBusError as err:
+            if err.type == "org.freedesktop.systemd1.NoSuchUnit":
+                return
+            raise SystemdError(f"systemd refused to stop {unit}: {err.text}") from None
+        await self._wait_job(job, f"stopping {unit}")
+
+    async def kill_unit(self, unit: str, signal: int) -> None:
+        try:
+            await self._manager("KillUnit", "ssi", [unit, "all", signal])
+        except DBusError as err:
+            if err.type not in ("org.freedesktop.systemd1.NoSuchUnit",):
+                log.debug("KillUnit %s: %s", unit, err.text)
+
+    async def unref_unit(self, unit: str) -> None:
+        """Drop the reference taken with AddRef so the unit can be garbage-collected."""
+        try:
+            await self._manager("UnrefUnit", "s", [unit])
+        except DBusError as err:
+            log.debug("UnrefUnit %s: %s", unit, err.text)
+
+    async def unit_property(self, unit: str, interface: str, name: str) -> Any:
+        """Read one property of a loaded unit; None when the unit is not loaded."""
+        try:
+            (value,) = await call(
+                self._bus,
+                SYSTEMD,
+                unit_object_path(unit),
+                "org.freedesktop.DBus.Properties",
+                "Get",
+                "ss",
+                [f"org.freedesktop.systemd1.{interface}", name],
+            )
+        except DBusError:
+            return None
+        return value.value
+
+    async def list_units(self, patterns: Sequence[str]) -> list[tuple[str, str]]:
+        """(name, active state) of loaded units matching the glob ``patterns``."""
+        (units,) = await self._manager("ListUnitsByPatterns", "asas", [[], list(patterns)])
+        return [(u[0], u[3]) for u in units]
