@@ -16,12 +16,12 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import psutil
 
 from modeld import __version__
-from modeld.config import DEFAULT_CONFIG_PATH, Config, ConfigError, load_config
+from modeld.config import Config, ConfigError, load_config
 from modeld.errors import InvalidConfig
 from modeld.supervisor.environment import default_backend_user
 
@@ -49,7 +49,13 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 class _JournalFormatter(logging.Formatter):
     """``<N>`` syslog priority prefixes; journald adds timestamps itself."""
 
-    _PRIORITY = {"DEBUG": 7, "INFO": 6, "WARNING": 4, "ERROR": 3, "CRITICAL": 2}
+    _PRIORITY: ClassVar[dict[str, int]] = {
+        "DEBUG": 7,
+        "INFO": 6,
+        "WARNING": 4,
+        "ERROR": 3,
+        "CRITICAL": 2,
+    }
 
     def format(self, record: logging.LogRecord) -> str:
         return f"<{self._PRIORITY.get(record.levelname, 6)}>{super().format(record)}"
@@ -104,9 +110,7 @@ class Daemon:
         await systemd.subscribe()
         user = default_backend_user(self._config.daemon.backend_user or None)
         if user is None:
-            log.warning(
-                "backend user 'modeld' does not exist: backends run as modeld's own user"
-            )
+            log.warning("backend user 'modeld' does not exist: backends run as modeld's own user")
         from modeld.supervisor.registry import Supervisor
 
         supervisor = Supervisor(self._config, systemd, self, default_user=user)
@@ -121,7 +125,11 @@ class Daemon:
         service.sync_models()
         reply = await bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
         if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
-            log.error("could not own %s on the bus (reply %s); is modeld already running?", BUS_NAME, reply)
+            log.error(
+                "could not own %s on the bus (reply %s); is modeld already running?",
+                BUS_NAME,
+                reply,
+            )
             await supervisor.shutdown()
             return 1
         if not sockets:

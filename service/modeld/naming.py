@@ -91,7 +91,7 @@ def parse_scope_name(unit: str) -> tuple[str, int] | None:
 
 def socket_stem(model: str) -> str:
     """A file-name-safe stem for the model's backend socket (sun_path is short)."""
-    escaped = unit_escape(model).replace("\\", "_")
+    escaped = bus_path_escape(model)
     if len(escaped) > _MAX_SOCKET_STEM:
         digest = hashlib.sha256(model.encode()).hexdigest()[:16]
         escaped = escaped[: _MAX_SOCKET_STEM - 17] + "_" + digest

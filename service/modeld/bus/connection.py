@@ -9,10 +9,12 @@ import asyncio
 import os
 from typing import Any
 
-from dbus_next import BusType, Message, MessageType, NameFlag, RequestNameReply, Variant
-from dbus_next.aio import MessageBus
+from dbus_next.aio.message_bus import MessageBus
+from dbus_next.constants import BusType, MessageType, NameFlag, RequestNameReply
 from dbus_next.errors import DBusError
+from dbus_next.message import Message
 from dbus_next.service import ServiceInterface
+from dbus_next.signature import Variant
 
 from modeld.naming import MANAGER_PATH
 
@@ -24,9 +26,9 @@ __all__ = [
     "Message",
     "MessageBus",
     "MessageType",
+    "ModeldMessageBus",
     "NameFlag",
     "RequestNameReply",
-    "ModeldMessageBus",
     "ServiceInterface",
     "Variant",
     "call",
@@ -34,7 +36,7 @@ __all__ = [
 ]
 
 
-class ModeldMessageBus(MessageBus):  # type: ignore[misc]
+class ModeldMessageBus(MessageBus):
     """MessageBus that emits ObjectManager signals from the manager's path.
 
     dbus-next sends InterfacesAdded/Removed from the exported object's own path; clients
@@ -151,6 +153,7 @@ async def call(
             body=body or [],
         )
     )
+    assert reply is not None
     if reply.message_type is MessageType.ERROR:
         text = reply.body[0] if reply.body else reply.error_name
         raise DBusError(reply.error_name, text)

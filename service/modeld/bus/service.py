@@ -5,8 +5,8 @@ the result. Errors become ``org.modeld1.Error.*`` replies with one line of text;
 traceback ever crosses the bus.
 """
 
-# dbus-next reads D-Bus signatures from annotations such as ``-> "o"``; they are not Python
-# types, hence no ``from __future__ import annotations`` and the mypy override for this file.
+# dbus-next evaluates annotations as D-Bus signatures (modeld.bus.signatures), hence no
+# ``from __future__ import annotations`` here and a mypy override for this module.
 
 import asyncio
 import contextlib
@@ -15,8 +15,9 @@ import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
-from dbus_next import PropertyAccess, Variant
+from dbus_next.constants import PropertyAccess
 from dbus_next.service import ServiceInterface, dbus_property, method, signal
+from dbus_next.signature import Variant
 
 from modeld import __version__
 from modeld.bus.authorization import Authorizer
@@ -26,6 +27,19 @@ from modeld.bus.connection import (
     Message,
     MessageType,
     ModeldMessageBus,
+)
+from modeld.bus.signatures import (
+    BOOLEAN,
+    ENDPOINT_AND_LEASE,
+    MODEL_LIST,
+    NAME_AND_PATH,
+    NAME_PATH_AND_REASON,
+    OBJECT_PATH,
+    OPTIONS,
+    STRING,
+    STRINGS,
+    UINT32,
+    UINT64,
 )
 from modeld.errors import InvalidArgs, ModeldError
 from modeld.naming import MANAGER_PATH, model_object_path
@@ -101,7 +115,9 @@ def _consume(future: asyncio.Future[None]) -> None:
 class _Requests:
     """The operations shared by the Manager and Model interfaces."""
 
-    def __init__(self, supervisor: Supervisor, authorizer: Authorizer, bus: ModeldMessageBus) -> None:
+    def __init__(
+        self, supervisor: Supervisor, authorizer: Authorizer, bus: ModeldMessageBus
+    ) -> None:
         self.supervisor = supervisor
         self.authorizer = authorizer
         self.bus = bus
@@ -123,7 +139,7 @@ class _Requests:
         await done
 
 
-class ModelInterface(ServiceInterface):  # type: ignore[misc]
+class ModelInterface(ServiceInterface):
     """org.modeld1.Model for one configured model."""
 
     def __init__(self, model_name: str, requests: _Requests) -> None:
@@ -139,91 +155,91 @@ class ModelInterface(ServiceInterface):  # type: ignore[misc]
         return self._supervisor.status(self._model_name)
 
     @dbus_property(access=PropertyAccess.READ)
-    def Name(self) -> "s":
+    def Name(self) -> STRING:
         return self._model_name
 
     @dbus_property(access=PropertyAccess.READ)
-    def Backend(self) -> "s":
+    def Backend(self) -> STRING:
         return self._supervisor.owner(self._model_name).config.backend
 
     @dbus_property(access=PropertyAccess.READ)
-    def State(self) -> "s":
+    def State(self) -> STRING:
         return str(self._status().state)
 
     @dbus_property(access=PropertyAccess.READ)
-    def Unit(self) -> "s":
+    def Unit(self) -> STRING:
         return self._status().unit
 
     @dbus_property(access=PropertyAccess.READ)
-    def ControlGroup(self) -> "s":
+    def ControlGroup(self) -> STRING:
         return self._status().control_group
 
     @dbus_property(access=PropertyAccess.READ)
-    def MainPID(self) -> "u":
+    def MainPID(self) -> UINT32:
         return self._status().main_pid
 
     @dbus_property(access=PropertyAccess.READ)
-    def Endpoint(self) -> "s":
+    def Endpoint(self) -> STRING:
         return self._status().endpoint
 
     @dbus_property(access=PropertyAccess.READ)
-    def MemoryCurrent(self) -> "t":
+    def MemoryCurrent(self) -> UINT64:
         return self._supervisor.memory_current(self._model_name)
 
     @dbus_property(access=PropertyAccess.READ)
-    def MemoryMax(self) -> "t":
+    def MemoryMax(self) -> UINT64:
         return self._status().memory_max
 
     @dbus_property(access=PropertyAccess.READ)
-    def GpuMemory(self) -> "t":
+    def GpuMemory(self) -> UINT64:
         return 0
 
     @dbus_property(access=PropertyAccess.READ)
-    def Gpu(self) -> "s":
+    def Gpu(self) -> STRING:
         return ""
 
     @dbus_property(access=PropertyAccess.READ)
-    def LastUsed(self) -> "t":
+    def LastUsed(self) -> UINT64:
         return self._status().last_used_us
 
     @dbus_property(access=PropertyAccess.READ)
-    def InFlight(self) -> "u":
+    def InFlight(self) -> UINT32:
         return self._status().in_flight
 
     @dbus_property(access=PropertyAccess.READ)
-    def Pinned(self) -> "b":
+    def Pinned(self) -> BOOLEAN:
         return self._status().pinned
 
     @dbus_property(access=PropertyAccess.READ)
-    def ConcurrencyGroups(self) -> "as":
+    def ConcurrencyGroups(self) -> STRINGS:
         return list(self._supervisor.owner(self._model_name).config.concurrency_groups)
 
     @dbus_property(access=PropertyAccess.READ)
-    def LastError(self) -> "s":
+    def LastError(self) -> STRING:
         return self._status().last_error
 
     @dbus_property(access=PropertyAccess.READ)
-    def LoadCount(self) -> "u":
+    def LoadCount(self) -> UINT32:
         return self._status().load_count
 
     @method()
     @_replies_errors
-    async def Load(self, options: "a{sv}") -> "o":
+    async def Load(self, options: OPTIONS) -> OBJECT_PATH:
         return await self._requests.load(self._model_name, options)
 
     @method()
     @_replies_errors
-    async def Unload(self, options: "a{sv}"):  # noqa: ANN201
+    async def Unload(self, options: OPTIONS) -> None:
         await self._requests.unload(self._model_name, options)
 
     @method()
     @_replies_errors
-    async def SetPinned(self, pinned: "b"):  # noqa: ANN201
+    async def SetPinned(self, pinned: BOOLEAN) -> None:
         await self._requests.authorizer.check("pin " + self._model_name)
         self._supervisor.set_pinned(self._model_name, pinned)
 
 
-class ManagerInterface(ServiceInterface):  # type: ignore[misc]
+class ManagerInterface(ServiceInterface):
     """org.modeld1.Manager at /org/modeld1."""
 
     def __init__(self, requests: _Requests, reload: Callable[[], Awaitable[None]]) -> None:
@@ -237,16 +253,16 @@ class ManagerInterface(ServiceInterface):  # type: ignore[misc]
 
     @method()
     @_replies_errors
-    async def Load(self, name: "s", options: "a{sv}") -> "o":
+    async def Load(self, name: STRING, options: OPTIONS) -> OBJECT_PATH:
         return await self._requests.load(name, options)
 
     @method()
     @_replies_errors
-    async def Unload(self, name: "s", options: "a{sv}"):  # noqa: ANN201
+    async def Unload(self, name: STRING, options: OPTIONS) -> None:
         await self._requests.unload(name, options)
 
     @method()
-    def ListModels(self) -> "a(ssso)":
+    def ListModels(self) -> MODEL_LIST:
         return [
             [o.name, str(o.status.state), o.config.backend, model_object_path(o.name)]
             for o in self._supervisor.owners()
@@ -254,19 +270,19 @@ class ManagerInterface(ServiceInterface):  # type: ignore[misc]
 
     @method()
     @_replies_errors
-    async def GetModel(self, name: "s") -> "o":
+    async def GetModel(self, name: STRING) -> OBJECT_PATH:
         self._supervisor.owner(name)
         return model_object_path(name)
 
     @method()
     @_replies_errors
-    async def Reload(self):  # noqa: ANN201
+    async def Reload(self) -> None:
         await self._requests.authorizer.check("reload")
         await self._reload()
 
     @method()
     @_replies_errors
-    async def Acquire(self, name: "s", options: "a{sv}") -> "sh":
+    async def Acquire(self, name: STRING, options: OPTIONS) -> ENDPOINT_AND_LEASE:
         _Options(options, ())
         await self._requests.authorizer.check("acquire " + name)
         lease = await self._supervisor.acquire(name)
@@ -274,36 +290,36 @@ class ManagerInterface(ServiceInterface):  # type: ignore[misc]
         return [lease.endpoint, lease.client_fd]
 
     @signal()
-    def ModelLoaded(self, name: str, path: str) -> "so":
+    def ModelLoaded(self, name: str, path: str) -> NAME_AND_PATH:
         return [name, path]
 
     @signal()
-    def ModelUnloaded(self, name: str, path: str, reason: str) -> "sos":
+    def ModelUnloaded(self, name: str, path: str, reason: str) -> NAME_PATH_AND_REASON:
         return [name, path, reason]
 
     @dbus_property(access=PropertyAccess.READ)
-    def Version(self) -> "s":
+    def Version(self) -> STRING:
         return __version__
 
     @dbus_property(access=PropertyAccess.READ)
-    def LoadedCount(self) -> "u":
+    def LoadedCount(self) -> UINT32:
         return self._supervisor.loaded_count()
 
     @dbus_property(access=PropertyAccess.READWRITE)
-    def MaxLoaded(self) -> "u":
+    def MaxLoaded(self) -> UINT32:
         return self._supervisor.max_loaded
 
     @MaxLoaded.setter  # type: ignore[no-redef]
-    def MaxLoaded(self, value: "u"):  # noqa: ANN202
+    def MaxLoaded(self, value: UINT32) -> None:
         # Writes are authorized and applied in BusService._on_property_set.
         self._supervisor.max_loaded = value
 
     @dbus_property(access=PropertyAccess.READ)
-    def MemoryBudget(self) -> "t":
+    def MemoryBudget(self) -> UINT64:
         return self._supervisor.config.daemon.memory_budget
 
     @dbus_property(access=PropertyAccess.READ)
-    def MemoryUsed(self) -> "t":
+    def MemoryUsed(self) -> UINT64:
         return self._supervisor.memory_used()
 
 

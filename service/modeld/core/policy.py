@@ -78,14 +78,11 @@ def plan_load(target: str, models: Sequence[ModelSnapshot], limits: Limits) -> P
     )
     if len(evictable) < excess:
         blockers = ", ".join(
-            f"{m.name} ({why})"
-            for m in holding
-            if (why := _why_not_evictable(m)) is not None
+            f"{m.name} ({why})" for m in holding if (why := _why_not_evictable(m)) is not None
         )
         return Plan(
             refusal=(
-                f"max_loaded={limits.max_loaded} reached and {target} cannot make room:"
-                f" {blockers}"
+                f"max_loaded={limits.max_loaded} reached and {target} cannot make room: {blockers}"
             )
         )
     return Plan(evict=tuple(Eviction(m.name, "lru") for m in evictable[:excess]))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 
 import grpc
@@ -62,10 +63,8 @@ class BackendClient:
 
     async def free(self, timeout: float) -> None:
         """Best effort: ask the backend to release its model before it is stopped."""
-        try:
+        with contextlib.suppress(grpc.aio.AioRpcError):
             await self.stub.Free(backend_pb2.HealthMessage(), timeout=timeout)
-        except grpc.aio.AioRpcError:
-            pass
 
     async def close(self) -> None:
         await self._channel.close(grace=None)

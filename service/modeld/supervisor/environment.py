@@ -18,7 +18,9 @@ _SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _PASSED_THROUGH = ("PYTHONPATH", "LANG", "LC_ALL", "TZ", "LD_LIBRARY_PATH")
 
 
-def backend_environment(model_name: str, inherited: Mapping[str, str] = os.environ) -> dict[str, str]:
+def backend_environment(
+    model_name: str, inherited: Mapping[str, str] = os.environ
+) -> dict[str, str]:
     """A clean environment: never modeld's NOTIFY_SOCKET, LISTEN_* or WATCHDOG_*.
 
     ``MODELD_PYTHON`` and the first PATH entry point at modeld's own interpreter, so Python

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -227,7 +228,9 @@ class ModelOwner:
             except asyncio.CancelledError:
                 raise
             except Exception:
-                log.exception("model %s: internal error handling %s", self.name, type(message).__name__)
+                log.exception(
+                    "model %s: internal error handling %s", self.name, type(message).__name__
+                )
 
     async def _handle(self, message: _Message) -> None:
         match message:
@@ -477,13 +480,15 @@ class ModelOwner:
         scope_result = await self._teardown(backend)
         reason = "failed"
         if crash is not None:
-            oom = crash.signal == 9 and (
+            oom = crash.signal == signal.SIGKILL and (
                 scope_result == "oom-kill" or (backend.oom is not None and backend.oom.seen)
             )
             reason = "oom" if oom else "crashed"
             summary = f"backend {crash.describe()}"
             if oom:
-                summary += f" after exceeding its memory limit ({format_size(self.config.memory_max)})"
+                summary += (
+                    f" after exceeding its memory limit ({format_size(self.config.memory_max)})"
+                )
             if was_loading:
                 summary += f" while {backend.phase}"
         tail = await journal.journal_tail(self.name, backend.started_us)
@@ -563,7 +568,7 @@ class ModelOwner:
         self._backend = None
         self._set_state(ModelState.UNLOADED)
         self._observer.on_unloaded(self.name, reason)
-        for unload, done in self._deferred_unloads:
+        for _unload, done in self._deferred_unloads:
             if not done.done():
                 done.set_result(None)
         self._deferred_unloads.clear()
@@ -579,5 +584,3 @@ class ModelOwner:
         if in_flight == 0 and self._deferred_unloads and self._backend is not None:
             unload, _ = self._deferred_unloads[0]
             await self._unload_now(self._backend, unload.reason)
-
-

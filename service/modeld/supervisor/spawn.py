@@ -63,9 +63,6 @@ class GatedProcess:
     ) -> None:
         gate_read, self._gate_write = os.pipe2(os.O_CLOEXEC)
         try:
-            kwargs: dict[str, object] = {}
-            if credentials is not None:
-                kwargs = {"user": credentials.uid, "group": credentials.gid, "extra_groups": []}
             self._popen = subprocess.Popen(
                 ["/bin/sh", "-c", _GATE_SCRIPT, "modeld-gate", *argv],
                 stdin=gate_read,
@@ -75,7 +72,9 @@ class GatedProcess:
                 cwd=cwd,
                 start_new_session=True,
                 close_fds=True,
-                **kwargs,  # type: ignore[arg-type]
+                user=credentials.uid if credentials else None,
+                group=credentials.gid if credentials else None,
+                extra_groups=[] if credentials else None,
             )
         except BaseException:
             os.close(self._gate_write)

@@ -87,21 +87,23 @@ class Systemd:
             elif not waiter.done():
                 waiter.set_result(result)
 
-    async def _manager(self, member: str, signature: str = "", body: list[Any] | None = None) -> list[Any]:
+    async def _manager(
+        self, member: str, signature: str = "", body: list[Any] | None = None
+    ) -> list[Any]:
         return await call(self._bus, SYSTEMD, SYSTEMD_PATH, MANAGER, member, signature, body)
 
     async def _wait_job(self, job: str, what: str) -> str:
-        result = self._early.pop(job, None)
-        if result is None:
-            waiter = asyncio.get_running_loop().create_future()
-            self._waiters[job] = waiter
-            try:
-                result = await asyncio.wait_for(waiter, JOB_TIMEOUT)
-            except TimeoutError:
-                raise SystemdError(f"systemd did not finish {what} within {JOB_TIMEOUT:.0f}s") from None
-            finally:
-                self._waiters.pop(job, None)
-        return result
+        early = self._early.pop(job, None)
+        if early is not None:
+            return early
+        waiter: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._waiters[job] = waiter
+        try:
+            return await asyncio.wait_for(waiter, JOB_TIMEOUT)
+        except TimeoutError:
+            raise SystemdError(f"systemd did not finish {what} within {JOB_TIMEOUT:.0f}s") from None
+        finally:
+            self._waiters.pop(job, None)
 
     async def start_scope(self, spec: ScopeSpec, pid: int) -> None:
         """Create ``spec.unit`` holding ``pid`` and wait until the start job is done."""

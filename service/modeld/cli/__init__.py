@@ -1,0 +1,1 @@
+"""modeldctl: the command-line client of modeld (``modeld.cli.main:main``)."""

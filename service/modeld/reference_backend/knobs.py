@@ -1,0 +1,122 @@
+"""Test knobs of the reference backend, read from ``ModelOptions.Options``.
+
+Each option is ``key=value`` (LocalAI's ``key:value`` spelling is accepted too when
+there is no ``=``); boolean knobs may be given as a bare ``key``. Unknown keys and
+bad values are errors naming the key, so a typo in a test never passes silently.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, fields
+from typing import Any
+
+
+class KnobError(ValueError):
+    """An option that is unknown or has a bad value; the message names the key."""
+
+
+@dataclass(frozen=True)
+class Knobs:
+    """The parsed knobs of one LoadModel call (defaults: no knob set)."""
+
+    load_delay: float = 0.0
+    """Seconds to sleep inside LoadModel."""
+    alloc_mb: int = 0
+    """MiB to allocate, touch and keep while the model is loaded."""
+    fail_load: str | None = None
+    """LoadModel fails with this message."""
+    crash_on_load: int | None = None
+    """LoadModel exits the process with this code."""
+    crash_after: float | None = None
+    """Seconds after a successful load at which the process exits with code 3."""
+    predict_delay: float = 0.0
+    """Seconds each Predict/PredictStream/Embedding waits before working."""
+    hang_on_load: bool = False
+    """LoadModel never returns."""
+    hang_after: float | None = None
+    """Seconds after a successful load from which every RPC blocks forever."""
+    ignore_sigterm: bool = False
+    """SIGTERM is logged and ignored."""
+
+
+class ProcessControl:
+    """Process-wide switches that outlive one RPC (set by LoadModel, read by signal handlers)."""
+
+    def __init__(self) -> None:
+        self.ignore_sigterm = False
+
+
+def _seconds(key: str, raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise KnobError(f"option {key!r}: {raw!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value < 0:
+        raise KnobError(f"option {key!r}: {raw!r} must be a finite number >= 0")
+    return value
+
+
+def _int(key: str, raw: str, minimum: int, maximum: int) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise KnobError(f"option {key!r}: {raw!r} is not an integer") from None
+    if not minimum <= value <= maximum:
+        raise KnobError(f"option {key!r}: {value} is outside {minimum}..{maximum}")
+    return value
+
+
+def _bool(key: str, raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in ("1", "true", "yes", "on", ""):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise KnobError(f"option {key!r}: {raw!r} is not a boolean (1/0, true/false)")
+
+
+def _message(key: str, raw: str) -> str:
+    return raw or f"load failed as asked by option {key!r}"
+
+
+_PARSERS: dict[str, Callable[[str, str], Any]] = {
+    "load_delay": _seconds,
+    "alloc_mb": lambda k, v: _int(k, v, 0, 1 << 20),
+    "fail_load": _message,
+    "crash_on_load": lambda k, v: _int(k, v, 0, 255),
+    "crash_after": _seconds,
+    "predict_delay": _seconds,
+    "hang_on_load": _bool,
+    "hang_after": _seconds,
+    "ignore_sigterm": _bool,
+}
+assert set(_PARSERS) == {f.name for f in fields(Knobs)}
+
+
+def split_option(option: str) -> tuple[str, str]:
+    """Split ``key=value`` (or ``key:value``, or a bare ``key``) into key and value."""
+    for sep in ("=", ":"):
+        if sep in option:
+            key, _, value = option.partition(sep)
+            return key.strip(), value
+    return option.strip(), ""
+
+
+def parse_knobs(options: Iterable[str]) -> Knobs:
+    """Parse ``ModelOptions.Options`` into Knobs; raises KnobError on any bad entry.
+
+    Empty entries are ignored; a later entry for the same key wins.
+    """
+    values: dict[str, Any] = {}
+    for option in options:
+        if not option.strip():
+            continue
+        key, raw = split_option(option)
+        parser = _PARSERS.get(key)
+        if parser is None:
+            known = ", ".join(sorted(_PARSERS))
+            raise KnobError(f"unknown option {key!r} (known: {known})")
+        values[key] = parser(key, raw)
+    return Knobs(**values)

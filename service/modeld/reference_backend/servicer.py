@@ -1,0 +1,348 @@
+"""The gRPC servicer of the reference backend: model state and one method per RPC.
+
+Methods follow grpcio's sync API (``request, context`` in, response out; streaming
+methods are generators). Errors the caller should see are raised as :class:`RpcAbort`
+and turned into gRPC statuses; anything unexpected is logged and becomes INTERNAL.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import grpc
+
+from modeld.reference_backend.knobs import KnobError, Knobs, ProcessControl, parse_knobs
+from modeld.reference_backend.log import log
+from modeld.reference_backend.memory import (
+    MIB,
+    allocate_touched,
+    release_memory,
+    rss_bytes,
+)
+from modeld.reference_backend.ngram import NgramModel, SamplingParams, embed, tokenize
+from modeld.rpc import backend_pb2 as pb
+
+DEFAULT_TOKENS = 32
+CRASH_AFTER_EXIT_CODE = 3
+
+_R = TypeVar("_R")
+
+
+class RpcAbort(Exception):
+    """Ends the current RPC with a gRPC status code and message."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _abort(context: Any, code: Any, message: str) -> NoReturn:
+    context.abort(code, message)
+    raise AssertionError("context.abort returned")  # pragma: no cover
+
+
+def unary(method: Callable[[Any, Any, Any], _R]) -> Callable[[Any, Any, Any], _R]:
+    """Wrap a unary RPC method: RpcAbort → its status, other errors → logged + INTERNAL."""
+
+    @functools.wraps(method)
+    def wrapper(self: Any, request: Any, context: Any) -> _R:
+        try:
+            return method(self, request, context)
+        except RpcAbort as e:
+            _abort(context, e.code, e.message)
+        except Exception as e:
+            log(f"error in {method.__name__}: {e!r}\n{traceback.format_exc().rstrip()}")
+            _abort(context, grpc.StatusCode.INTERNAL, f"{method.__name__} failed: {e!r}")
+
+    return wrapper
+
+
+@dataclass
+class Loaded:
+    """A loaded model and what belongs to it."""
+
+    model: NgramModel
+    path: str
+    knobs: Knobs
+    ballast: bytearray | None
+
+
+def _forever(reason: str) -> NoReturn:
+    log(reason)
+    while True:
+        threading.Event().wait()
+
+
+def _die(message: str, code: int) -> NoReturn:
+    log(message)
+    os._exit(code)
+
+
+def model_path(request: Any) -> str:
+    """The model file of a ModelOptions: ModelFile, else Model; relative to ModelPath."""
+    path: str = request.ModelFile or request.Model
+    if path and request.ModelPath and not os.path.isabs(path):
+        path = os.path.join(request.ModelPath, path)
+    return path
+
+
+def _read_model_text(path: str) -> str:
+    """Read a model file; raises ValueError with a message fit for Result.message."""
+    if not path:
+        raise ValueError("no model file given (set ModelOptions.ModelFile or Model)")
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ValueError(f"model file {path} does not exist") from None
+    except IsADirectoryError:
+        raise ValueError(f"model file {path} is a directory, not a text file") from None
+    except OSError as e:
+        raise ValueError(f"cannot read model file {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"model file {path} is not UTF-8 text ({e.reason} at byte {e.start})"
+        ) from None
+
+
+def _describe(knobs: Knobs) -> str:
+    set_knobs = [f"{k}={v}" for k, v in vars(knobs).items() if v not in (None, False, 0, 0.0)]
+    return ", ".join(set_knobs) if set_knobs else "none"
+
+
+class ReferenceBackend:
+    """State of the reference backend and its RPC methods (LocalAI ``backend.Backend``)."""
+
+    def __init__(self, control: ProcessControl) -> None:
+        self._control = control
+        self._lock = threading.Lock()  # guards the fields below
+        self._load_lock = threading.Lock()  # one LoadModel at a time
+        self._loaded: Loaded | None = None
+        self._busy = 0
+        self._crash_timer: threading.Timer | None = None
+        self._hang_at: float | None = None
+
+    # -- helpers -----------------------------------------------------------------
+
+    def _enter(self) -> None:
+        """Start of every RPC: block forever once ``hang_after`` has passed."""
+        hang_at = self._hang_at
+        if hang_at is not None and time.monotonic() >= hang_at:
+            _forever("hanging an RPC as asked (hang_after)")
+
+    def _require_model(self) -> Loaded:
+        loaded = self._loaded
+        if loaded is None:
+            raise RpcAbort(grpc.StatusCode.FAILED_PRECONDITION, "no model loaded")
+        return loaded
+
+    @contextmanager
+    def _busy_scope(self, loaded: Loaded) -> Iterator[None]:
+        """Count a running request (Status says BUSY) and apply ``predict_delay``."""
+        with self._lock:
+            self._busy += 1
+        try:
+            if loaded.knobs.predict_delay > 0:
+                time.sleep(loaded.knobs.predict_delay)
+            yield
+        finally:
+            with self._lock:
+                self._busy -= 1
+
+    @staticmethod
+    def _sampling(request: Any) -> SamplingParams:
+        return SamplingParams(
+            max_tokens=request.Tokens if request.Tokens > 0 else DEFAULT_TOKENS,
+            temperature=max(0.0, float(request.Temperature)),
+            top_k=max(0, request.TopK),
+            seed=request.Seed if request.Seed > 0 else None,
+            stop=tuple(request.StopPrompts),
+        )
+
+    @staticmethod
+    def _prompt(request: Any) -> str:
+        """The prompt: Prompt, else the chat messages' contents joined by newlines."""
+        if request.Prompt:
+            return str(request.Prompt)
+        return "\n".join(m.content for m in request.Messages if m.content)
+
+    def _set_model(self, loaded: Loaded | None) -> None:
+        """Replace the model and its timers (crash_after, hang_after)."""
+        with self._lock:
+            self._loaded = loaded
+            if self._crash_timer is not None:
+                self._crash_timer.cancel()
+                self._crash_timer = None
+            self._hang_at = None
+            if loaded is None:
+                return
+            knobs = loaded.knobs
+            if knobs.crash_after is not None:
+                timer = threading.Timer(
+                    knobs.crash_after, _die, ("crashing as asked", CRASH_AFTER_EXIT_CODE)
+                )
+                timer.daemon = True
+                timer.start()
+                self._crash_timer = timer
+            if knobs.hang_after is not None:
+                self._hang_at = time.monotonic() + knobs.hang_after
+
+    # -- RPCs --------------------------------------------------------------------
+
+    @unary
+    def Health(self, request: Any, context: Any) -> Any:
+        """Liveness: Reply(message=b"OK")."""
+        self._enter()
+        return pb.Reply(message=b"OK")
+
+    @unary
+    def LoadModel(self, request: Any, context: Any) -> Any:
+        """Train the n-gram model on the model file, after applying the test knobs."""
+        self._enter()
+        try:
+            knobs = parse_knobs(request.Options)
+        except KnobError as e:
+            log(f"LoadModel refused: {e}")
+            return pb.Result(success=False, message=str(e))
+        self._control.ignore_sigterm = knobs.ignore_sigterm
+        path = model_path(request)
+        log(f"loading {path or '(no file)'} (knobs: {_describe(knobs)})")
+        with self._load_lock:
+            started = time.monotonic()
+            if knobs.load_delay > 0:
+                time.sleep(knobs.load_delay)
+            if knobs.crash_on_load is not None:
+                _die(
+                    f"crashing in LoadModel as asked (exit {knobs.crash_on_load})",
+                    knobs.crash_on_load,
+                )
+            if knobs.hang_on_load:
+                _forever("hanging in LoadModel as asked")
+            if knobs.fail_load is not None:
+                log(f"LoadModel failing as asked: {knobs.fail_load}")
+                return pb.Result(success=False, message=knobs.fail_load)
+            try:
+                model = NgramModel.from_text(_read_model_text(path))
+            except ValueError as e:
+                message = str(e) if "model file" in str(e) else f"model file {path}: {e}"
+                log(f"LoadModel failed: {message}")
+                return pb.Result(success=False, message=message)
+            ballast = allocate_touched(knobs.alloc_mb) if knobs.alloc_mb else None
+            self._set_model(Loaded(model, path, knobs, ballast))
+            elapsed = time.monotonic() - started
+        summary = (
+            f"{model.n_tokens} tokens, vocabulary {model.vocab_size}, "
+            f"{model.n_trigram_contexts} trigram contexts"
+        )
+        log(
+            f"loaded {path}: {summary} in {elapsed:.3f}s"
+            + (f", holding {knobs.alloc_mb} MiB as asked" if ballast is not None else "")
+        )
+        return pb.Result(success=True, message=f"loaded {path}: {summary}")
+
+    @unary
+    def Predict(self, request: Any, context: Any) -> Any:
+        """Generate a continuation of the prompt in one Reply."""
+        self._enter()
+        loaded = self._require_model()
+        prompt = self._prompt(request)
+        with self._busy_scope(loaded):
+            started = time.monotonic()
+            n_prompt = len(tokenize(prompt))
+            prompt_done = time.monotonic()
+            text, n_tokens = loaded.model.generate_text(prompt, self._sampling(request))
+            done = time.monotonic()
+        return pb.Reply(
+            message=text.encode("utf-8"),
+            tokens=n_tokens,
+            prompt_tokens=n_prompt,
+            timing_prompt_processing=(prompt_done - started) * 1000.0,
+            timing_token_generation=(done - prompt_done) * 1000.0,
+        )
+
+    def PredictStream(self, request: Any, context: Any) -> Iterator[Any]:
+        """Generate a continuation of the prompt, one Reply per token.
+
+        With stop strings, text that may begin a stop string is held back, so a Reply can
+        then carry several tokens (``Reply.tokens``) and no part of a stop string is sent.
+        """
+        try:
+            self._enter()
+            loaded = self._require_model()
+            prompt = self._prompt(request)
+            n_prompt = len(tokenize(prompt))
+            with self._busy_scope(loaded):
+                for chunk in loaded.model.generate(prompt, self._sampling(request)):
+                    self._enter()
+                    if not context.is_active():
+                        return
+                    yield pb.Reply(
+                        message=chunk.text.encode("utf-8"),
+                        tokens=chunk.tokens,
+                        prompt_tokens=n_prompt,
+                    )
+        except RpcAbort as e:
+            _abort(context, e.code, e.message)
+        except Exception as e:
+            log(f"error in PredictStream: {e!r}\n{traceback.format_exc().rstrip()}")
+            _abort(context, grpc.StatusCode.INTERNAL, f"PredictStream failed: {e!r}")
+
+    @unary
+    def Embedding(self, request: Any, context: Any) -> Any:
+        """Deterministic unit-length embedding of Prompt (or of Embeddings if Prompt is empty)."""
+        self._enter()
+        loaded = self._require_model()
+        text = request.Prompt or request.Embeddings
+        with self._busy_scope(loaded):
+            vector = embed(text)
+        return pb.EmbeddingResult(embeddings=vector)
+
+    @unary
+    def TokenizeString(self, request: Any, context: Any) -> Any:
+        """Token ids of Prompt in the model's vocabulary (unknown words: stable ids past it)."""
+        self._enter()
+        model = self._require_model().model
+        ids = [model.token_id(t) for t in tokenize(request.Prompt)]
+        return pb.TokenizationResponse(length=len(ids), tokens=ids)
+
+    @unary
+    def Status(self, request: Any, context: Any) -> Any:
+        """READY / BUSY / UNINITIALIZED and memory use (RSS, model tables, ballast)."""
+        self._enter()
+        with self._lock:
+            loaded, busy = self._loaded, self._busy
+        if loaded is None:
+            state = pb.StatusResponse.UNINITIALIZED
+        elif busy > 0:
+            state = pb.StatusResponse.BUSY
+        else:
+            state = pb.StatusResponse.READY
+        rss = rss_bytes()
+        memory = pb.MemoryUsageData(total=rss)
+        memory.breakdown["rss"] = rss
+        memory.breakdown["model_ngrams"] = loaded.model.approx_bytes if loaded else 0
+        memory.breakdown["alloc"] = len(loaded.ballast) if loaded and loaded.ballast else 0
+        return pb.StatusResponse(state=state, memory=memory)
+
+    @unary
+    def Free(self, request: Any, context: Any) -> Any:
+        """Drop the model (and any ballast) and give the memory back as far as possible."""
+        self._enter()
+        had = self._loaded
+        self._set_model(None)
+        if had is None:
+            return pb.Result(success=True, message="no model loaded")
+        path, alloc = had.path, len(had.ballast) if had.ballast else 0
+        del had
+        release_memory()
+        log(f"freed {path}" + (f" and {alloc // MIB} MiB" if alloc else ""))
+        return pb.Result(success=True, message=f"freed {path}")

@@ -1,0 +1,10 @@
+"""gRPC bindings for the LocalAI backend protocol (proto package ``backend``).
+
+``backend_pb2`` and ``backend_pb2_grpc`` are generated from ``protos/backend.proto`` by
+``protos/generate.sh`` and committed; they import on protobuf runtimes from 4.21 (Debian 12)
+to 7.x. Import them explicitly::
+
+    from modeld.rpc import backend_pb2, backend_pb2_grpc
+
+This package imports nothing itself, so ``import modeld.rpc`` stays cheap.
+"""
