@@ -124,9 +124,11 @@ class _Requests:
 
     async def load(self, name: str, options: dict[str, Variant]) -> str:
         opts = _Options(options, ("wait", "force"))
+        wait = opts.flag("wait")
+        opts.flag("force")
         await self.authorizer.check("load " + name)
         done = await self.supervisor.load(name)
-        if opts.flag("wait"):
+        if wait:
             await done
         else:
             _consume(done)
@@ -134,8 +136,10 @@ class _Requests:
 
     async def unload(self, name: str, options: dict[str, Variant]) -> None:
         opts = _Options(options, ("force", "wait"))
+        force = opts.flag("force")
+        opts.flag("wait")
         await self.authorizer.check("unload " + name)
-        done = await self.supervisor.unload(name, force=opts.flag("force"))
+        done = await self.supervisor.unload(name, force=force)
         await done
 
 

@@ -22,7 +22,9 @@ class Notifier:
 
     def _send(self, text: str) -> None:
         if self._notifier is not None:
-            self._notifier.notify(text)
+            # sdnotify encodes as Latin-1; pass UTF-8 bytes through it unchanged so model
+            # names outside Latin-1 reach systemd intact.
+            self._notifier.notify(text.encode().decode("latin-1"))
 
     def ready(self, status: str) -> None:
         self._last_status = status

@@ -1,0 +1,231 @@
+"""Run modeld inside a sandbox as a real unit built from the repository's systemd/ files.
+
+Only what differs between a packaged install and a checkout is changed, in a drop-in:
+ExecStart points at this checkout's interpreter and a configuration in a test directory
+(under /tmp, which the sandbox shares with the host), and PrivateTmp is off so modeld
+sees that directory.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .fixture import Sandbox
+
+REPO = Path(__file__).resolve().parents[2]
+UNITS = ("modeld.slice", "modeld.socket", "modeld.service")
+DEMO_TEXT = REPO / "service" / "modeld" / "data" / "demo.txt"
+
+
+def reference_model(
+    *, memory_max: str = "256M", options: tuple[str, ...] = (), extra: str = ""
+) -> str:
+    """The TOML of a model served by the reference backend on the shipped demo text."""
+    text = f'backend = "reference"\nmodel = "{DEMO_TEXT}"\nmemory_max = "{memory_max}"\n'
+    text += extra
+    if options:
+        text += "[options]\nOptions = [" + ", ".join(json.dumps(o) for o in options) + "]\n"
+    return text
+
+
+@dataclass
+class Modeld:
+    """A modeld deployment in one sandbox, configured from ``config_dir``."""
+
+    sandbox: Sandbox
+    config_dir: Path
+    daemon: str = ""
+    dropin: str = ""
+    models: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def api_socket(self) -> Path:
+        return self.sandbox.run_dir / "modeld" / "api.sock"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.config_dir / "models.d"
+
+    def write_config(self) -> None:
+        self.models_dir.mkdir(parents=True, exist_ok=True)
+        for old in self.models_dir.glob("*.toml"):
+            old.unlink()
+        (self.config_dir / "modeld.toml").write_text(
+            f'[daemon]\nmodels_dir = "{self.models_dir}"\n{self.daemon}'
+        )
+        for name, text in self.models.items():
+            (self.models_dir / f"{name}.toml").write_text(text)
+
+    def install(self) -> None:
+        """Install the units (repo files + the test drop-in); does not start anything."""
+        sb = self.sandbox
+        for unit in UNITS:
+            sb.install_unit(unit, (REPO / "systemd" / unit).read_text(), reload=False)
+        sb.install_dropin(
+            "modeld.service",
+            "50-checkout",
+            "[Service]\nExecStart=\n"
+            f"ExecStart={sys.executable} -m modeld --config {self.config_dir}/modeld.toml\n"
+            f"Environment=PYTHONPATH={REPO / 'service'}\n"
+            "PrivateTmp=no\nReadWritePaths=/tmp\n" + self.dropin,
+            reload=False,
+        )
+        self.write_config()
+        sb.daemon_reload()
+
+    def start(self) -> None:
+        """Start the socket and activate modeld through it (a GET /healthz)."""
+        self.sandbox.systemctl("start", "modeld.socket")
+        self.http_get("/healthz")
+
+    def stop(self) -> None:
+        self.sandbox.systemctl("stop", "modeld.service", "modeld.socket", check=False)
+        self.sandbox.systemctl("reset-failed", "modeld.service", "modeld.socket", check=False)
+
+    def restart(self) -> None:
+        self.stop()
+        self.write_config()
+        self.start()
+
+    def http_get(self, path: str, timeout: float = 20.0) -> tuple[int, Any]:
+        """GET over the unix socket; returns (status, decoded JSON body)."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(str(self.api_socket))
+            sock.sendall(f"GET {path} HTTP/1.0\r\nHost: modeld\r\n\r\n".encode())
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        status = int(head.split()[1])
+        return status, json.loads(body) if body else None
+
+    # ----------------------------------------------------------------- busctl
+
+    def call(
+        self,
+        method: str,
+        signature: str = "",
+        *args: str,
+        check: bool = True,
+        path: str = "/org/modeld1",
+        interface: str = "org.modeld1.Manager",
+        timeout: float = 60.0,
+    ) -> Any:
+        """busctl call on modeld; returns the JSON-decoded reply data (or the process)."""
+        proc = self.sandbox.busctl(
+            "--json=short",
+            f"--timeout={timeout:g}",
+            "call",
+            "org.modeld1",
+            path,
+            interface,
+            method,
+            *((signature, *args) if signature else ()),
+            check=check,
+            timeout=timeout + 5,
+        )
+        if proc.returncode != 0:
+            return proc
+        return json.loads(proc.stdout)["data"] if proc.stdout.strip() else None
+
+    def load(self, name: str, *, wait: bool = True, check: bool = True) -> Any:
+        if wait:
+            return self.call("Load", "sa{sv}", name, "1", "wait", "b", "true", check=check)
+        return self.call("Load", "sa{sv}", name, "0", check=check)
+
+    def unload(self, name: str, *, force: bool = False, check: bool = True) -> Any:
+        if force:
+            return self.call("Unload", "sa{sv}", name, "1", "force", "b", "true", check=check)
+        return self.call("Unload", "sa{sv}", name, "0", check=check)
+
+    def model_path(self, name: str) -> str:
+        return str(self.call("GetModel", "s", name)[0])
+
+    def prop(self, name: str, prop: str) -> Any:
+        proc = self.sandbox.busctl(
+            "--json=short",
+            "get-property",
+            "org.modeld1",
+            self.model_path(name),
+            "org.modeld1.Model",
+            prop,
+        )
+        return json.loads(proc.stdout)["data"]
+
+    def manager_prop(self, prop: str) -> Any:
+        proc = self.sandbox.busctl(
+            "--json=short",
+            "get-property",
+            "org.modeld1",
+            "/org/modeld1",
+            "org.modeld1.Manager",
+            prop,
+        )
+        return json.loads(proc.stdout)["data"]
+
+    def wait_state(self, name: str, states: set[str], timeout: float = 30.0) -> str:
+        """Test helper: wait until the model's State is one of ``states``."""
+        deadline = time.monotonic() + timeout
+        state = ""
+        while time.monotonic() < deadline:
+            state = self.prop(name, "State")
+            if state in states:
+                return str(state)
+            time.sleep(0.05)
+        raise AssertionError(f"{name} stayed {state!r}, expected one of {sorted(states)}")
+
+    # ------------------------------------------------------------ systemd side
+
+    def scopes(self) -> list[str]:
+        """modeld's backend scopes currently loaded in systemd (any state)."""
+        out = self.sandbox.systemctl(
+            "list-units", "--all", "--plain", "--no-legend", "modeld-backend-*", check=False
+        ).stdout
+        return [line.split()[0] for line in out.splitlines() if line.strip()]
+
+    def unit_pids(self, unit: str) -> list[int]:
+        """Namespace PIDs of the processes in ``unit`` (systemd's GetUnitProcesses)."""
+        proc = self.sandbox.busctl(
+            "--json=short",
+            "call",
+            "org.freedesktop.systemd1",
+            "/org/freedesktop/systemd1",
+            "org.freedesktop.systemd1.Manager",
+            "GetUnitProcesses",
+            "s",
+            unit,
+        )
+        return [int(entry[1]) for entry in json.loads(proc.stdout)["data"][0]]
+
+    def backend_processes(self) -> list[str]:
+        """Command lines of reference backends running anywhere in the sandbox."""
+        out = self.sandbox.exec("ps", "-eo", "args", check=False).stdout
+        return [line for line in out.splitlines() if "modeld.reference_backend" in line]
+
+    def backend_sockets(self) -> list[str]:
+        directory = self.sandbox.run_dir / "modeld" / "backends"
+        return sorted(p.name for p in directory.glob("*.sock")) if directory.exists() else []
+
+
+def deploy(
+    sandbox: Sandbox,
+    config_dir: Path,
+    models: Mapping[str, str],
+    *,
+    daemon: str = "",
+    dropin: str = "",
+) -> Modeld:
+    """Install modeld in ``sandbox`` with ``models`` and start it through its socket."""
+    modeld = Modeld(sandbox, config_dir, daemon=daemon, dropin=dropin, models=dict(models))
+    modeld.stop()
+    modeld.install()
+    modeld.start()
+    return modeld
