@@ -73,8 +73,13 @@ def _run(
     env: Mapping[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(
-        list(argv), input=input, capture_output=True, text=True, timeout=timeout,
-        env=None if env is None else dict(env), check=False,
+        list(argv),
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=None if env is None else dict(env),
+        check=False,
     )
     if check and proc.returncode != 0:
         raise CommandError(proc.returncode, proc.args, proc.stdout, proc.stderr)
@@ -86,8 +91,13 @@ class Sandbox:
 
     _live: ClassVar[list[Sandbox]] = []
 
-    def __init__(self, info: Mapping[str, str], proc: subprocess.Popen[bytes],
-                 stderr: Any, stop_timeout: float) -> None:
+    def __init__(
+        self,
+        info: Mapping[str, str],
+        proc: subprocess.Popen[bytes],
+        stderr: Any,
+        stop_timeout: float,
+    ) -> None:
         self.info = dict(info)
         self.name = info["NAME"]
         self.base = Path(info["BASE"])
@@ -96,7 +106,7 @@ class Sandbox:
         self.journal_dir = Path(info["JOURNAL_DIR"])
         self.systemd_pid = int(info["SYSTEMD_PID"])
         self.netns = info.get("NETNS") == "1"
-        self.cgroup_mode = info["CGROUP_MODE"]          # "v1-hybrid" | "v2"
+        self.cgroup_mode = info["CGROUP_MODE"]  # "v1-hybrid" | "v2"
         self.memcg_dir = Path(info["MEMCG_DIR"])
         self.cgroups = [Path(p) for p in info["CGROUPS"].split(":") if p]
         self.boot_ms = int(info["BOOT_MS"])
@@ -133,8 +143,12 @@ class Sandbox:
         if reason:
             raise SandboxError(reason)
         name = name or default_name()
-        env = dict(os.environ, BOOT_TIMEOUT=str(int(boot_timeout)),
-                   STOP_TIMEOUT=str(int(stop_timeout)), NETNS="1" if netns else "0")
+        env = dict(
+            os.environ,
+            BOOT_TIMEOUT=str(int(boot_timeout)),
+            STOP_TIMEOUT=str(int(stop_timeout)),
+            NETNS="1" if netns else "0",
+        )
         if dbus_policy_files is not None:
             env["DBUS_POLICY_FILES"] = ":".join(os.fspath(p) for p in dbus_policy_files)
         if dbus_service_dirs is not None:
@@ -144,8 +158,13 @@ class Sandbox:
         stderr = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the sandbox
         # own session: a terminal's ^C reaches pytest only, which then stops us in order
         proc = subprocess.Popen(
-            [str(SCRIPT), "run", name], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=stderr, env=env, start_new_session=True, bufsize=0,
+            [str(SCRIPT), "run", name],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            env=env,
+            start_new_session=True,
+            bufsize=0,
         )
         try:
             info = cls._read_info(proc, boot_timeout + 15)
@@ -160,8 +179,9 @@ class Sandbox:
             stderr.seek(0)
             err = stderr.read().decode(errors="replace")
             stderr.close()
-            raise SandboxError(f"sandbox {name} failed to boot (rc={proc.returncode}):\n"
-                               + err.rstrip())
+            raise SandboxError(
+                f"sandbox {name} failed to boot (rc={proc.returncode}):\n" + err.rstrip()
+            )
         sb = cls(info, proc, stderr, stop_timeout)
         cls._live.append(sb)
         return sb
@@ -264,11 +284,13 @@ class Sandbox:
     ) -> subprocess.CompletedProcess[str]:
         """Run cmd inside (text mode, output captured).  Its PID is a namespace PID; the
         process stays in the caller's cgroup (outside the instance's tree)."""
-        return _run(self.nsenter_argv(*cmd), check=check, input=input, timeout=timeout,
-                    env=self.ns_env(env))
+        return _run(
+            self.nsenter_argv(*cmd), check=check, input=input, timeout=timeout, env=self.ns_env(env)
+        )
 
-    def popen(self, *cmd: str | os.PathLike[str], env: Mapping[str, str] | None = None,
-              **kwargs: Any) -> subprocess.Popen[Any]:
+    def popen(
+        self, *cmd: str | os.PathLike[str], env: Mapping[str, str] | None = None, **kwargs: Any
+    ) -> subprocess.Popen[Any]:
         """Start cmd inside without waiting.  ``.pid`` is the host PID of nsenter, which
         forks cmd: let cmd report its own (namespace) PID, or use :meth:`ns_pid`.  Killing
         nsenter does not kill cmd: stop it through systemd or by its host PID."""
@@ -282,8 +304,9 @@ class Sandbox:
                 return int(line.split()[-1])
         raise LookupError(f"no NSpid for {host_pid}")
 
-    def systemctl(self, *args: str, check: bool = True,
-                  timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+    def systemctl(
+        self, *args: str, check: bool = True, timeout: float = 30.0
+    ) -> subprocess.CompletedProcess[str]:
         return self.exec("systemctl", "--no-pager", *args, check=check, timeout=timeout)
 
     def show(self, unit: str, prop: str) -> str:
@@ -352,24 +375,40 @@ class Sandbox:
         """os.environ with DBUS_SYSTEM_BUS_ADDRESS set to the instance's bus (host clients)."""
         return dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS=self.bus_address)
 
-    def busctl(self, *args: str, check: bool = True,
-               timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+    def busctl(
+        self, *args: str, check: bool = True, timeout: float = 30.0
+    ) -> subprocess.CompletedProcess[str]:
         """``busctl --system ARGS`` on the host, against the instance's bus."""
-        return _run(["busctl", "--system", "--no-pager", *args], check=check, timeout=timeout,
-                    env=self.env())
+        return _run(
+            ["busctl", "--system", "--no-pager", *args],
+            check=check,
+            timeout=timeout,
+            env=self.env(),
+        )
 
     def add_dbus_policy(self, name: str, text: str) -> Path:
         """Add a bus policy file at runtime (/run/harness/dbus/system.d) and ReloadConfig."""
-        path = self.run_dir / "harness" / "dbus" / "system.d" / (
-            name if name.endswith(".conf") else f"{name}.conf")
+        path = (
+            self.run_dir
+            / "harness"
+            / "dbus"
+            / "system.d"
+            / (name if name.endswith(".conf") else f"{name}.conf")
+        )
         path.write_text(text)
-        self.busctl("call", "org.freedesktop.DBus", "/org/freedesktop/DBus",
-                    "org.freedesktop.DBus", "ReloadConfig")
+        self.busctl(
+            "call",
+            "org.freedesktop.DBus",
+            "/org/freedesktop/DBus",
+            "org.freedesktop.DBus",
+            "ReloadConfig",
+        )
         return path
 
     # ---------------------------------------------------------------- logs
-    def journal(self, unit: str | None = None, identifier: str | None = None,
-                lines: int | None = None) -> str:
+    def journal(
+        self, unit: str | None = None, identifier: str | None = None, lines: int | None = None
+    ) -> str:
         """The instance's journal, read from the host (``journalctl -D ... -o cat``)."""
         argv = ["journalctl", "-D", str(self.journal_dir), "--no-pager", "-o", "cat"]
         if unit:

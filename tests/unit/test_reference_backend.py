@@ -74,7 +74,9 @@ class Backend:
 
 def _spawn(addr: str, log_path: Path) -> subprocess.Popen[bytes]:
     env = dict(os.environ)
-    env["MODELD_PYTHON"] = sys.executable
+    # MODELD_TEST_BACKEND_PYTHON runs the backend on another interpreter (e.g. the distro's
+    # /usr/bin/python3 with python3-grpcio) to check wire compatibility across runtimes.
+    env["MODELD_PYTHON"] = os.environ.get("MODELD_TEST_BACKEND_PYTHON") or sys.executable
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SERVICE), env.get("PYTHONPATH")) if p)
     with log_path.open("wb") as log:
         return subprocess.Popen(

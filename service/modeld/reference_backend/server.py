@@ -12,8 +12,6 @@ import contextlib
 import os
 import signal
 import sys
-import threading
-from types import FrameType
 
 from modeld.reference_backend.log import log
 
@@ -53,24 +51,17 @@ def _unix_path(addr: str) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the backend; returns the exit status (SIGTERM/SIGINT exit via ``os._exit(0)``)."""
-    stop = threading.Event()
-    # Imported lazily below, so install the handlers first: a SIGTERM during start-up
-    # must still end in a clean exit.
-    from modeld.reference_backend.knobs import ProcessControl
+    """Run the backend; returns the exit status (SIGTERM/SIGINT exit via ``os._exit(0)``).
 
-    control = ProcessControl()
-
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        name = signal.Signals(signum).name
-        if signum == signal.SIGTERM and control.ignore_sigterm:
-            log("ignoring SIGTERM as asked (ignore_sigterm)")
-            return
-        log(f"{name} received, exiting")
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    SIGTERM and SIGINT are blocked in every thread and taken synchronously by the main
+    thread with sigwait: a Python signal handler would only run once the main thread
+    wakes up, and a signal delivered to one of gRPC's threads does not wake it.
+    """
+    signals = {signal.SIGTERM, signal.SIGINT}
+    for sig in signals:  # an inherited SIG_IGN would make sigwait miss them
+        signal.signal(sig, signal.SIG_DFL)
+    # Before any thread exists, so that every thread inherits the mask.
+    signal.pthread_sigmask(signal.SIG_BLOCK, signals)
 
     args = parse_args(argv)
 
@@ -78,9 +69,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import grpc
 
+    from modeld.reference_backend.knobs import ProcessControl
     from modeld.reference_backend.servicer import ReferenceBackend
     from modeld.rpc import backend_pb2_grpc
 
+    control = ProcessControl()
     server = grpc.server(
         ThreadPoolExecutor(max_workers=args.workers, thread_name_prefix="rpc"),
         # Fail on a TCP port that is already taken instead of sharing it.
@@ -98,8 +91,13 @@ def main(argv: list[str] | None = None) -> int:
     server.start()
     log(f"listening on {args.addr}")
 
-    while not stop.wait(timeout=3600):
-        pass
+    while True:
+        signum = signal.sigwait(signals)
+        if signum == signal.SIGTERM and control.ignore_sigterm:
+            log("ignoring SIGTERM as asked (ignore_sigterm)")
+            continue
+        log(f"{signal.Signals(signum).name} received, exiting")
+        break
     server.stop(STOP_GRACE_SECONDS).wait(STOP_GRACE_SECONDS + 1)
     path = _unix_path(args.addr)
     if path:

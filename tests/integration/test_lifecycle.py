@@ -1,0 +1,192 @@
+"""modeld's own lifecycle under systemd: cap, reload, invalid config, watchdog, stop, crash."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from busclient import SignalRecorder, call, connect
+from dbus_next.signature import Variant
+from sandbox import Sandbox
+from sandbox.deploy import Modeld, deploy, reference_model
+
+pytestmark = pytest.mark.systemd
+
+MODELS = {"a": reference_model(), "b": reference_model(), "c": reference_model()}
+
+
+@pytest.fixture
+def modeld(sandbox: Sandbox, tmp_path: Path) -> Iterator[Modeld]:
+    deployment = deploy(sandbox, tmp_path, MODELS, daemon="max_loaded = 2\n")
+    yield deployment
+    deployment.stop()
+    sandbox.remove_units(["modeld.service", "modeld.socket", "modeld.slice"])
+    assert deployment.scopes() == []
+    assert deployment.backend_processes() == []
+
+
+def modeld_host_pid(sb: Sandbox) -> int:
+    """Host PID of modeld's main process (for signals from the test)."""
+    ns_pid = int(sb.show("modeld.service", "MainPID"))
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            status = (entry / "status").read_text()
+        except OSError:
+            continue
+        for line in status.splitlines():
+            if line.startswith("NSpid:"):
+                ids = line.split()[1:]
+                if (
+                    len(ids) > 1
+                    and int(ids[-1]) == ns_pid
+                    and "modeld" in (entry / "cmdline").read_text()
+                ):
+                    return int(entry.name)
+    raise AssertionError(f"no host process for namespace pid {ns_pid}")
+
+
+def test_the_cap_evicts_the_least_recently_used_model(modeld: Modeld) -> None:
+    async def scenario() -> list[str]:
+        async with connect(modeld.sandbox.bus_address) as bus:
+            recorder = await SignalRecorder(bus).start()
+            for name in ("a", "b", "a", "c"):
+                reply = await call(bus, "Load", "sa{sv}", [name, {"wait": Variant("b", True)}])
+                assert reply.error_name is None, reply.body
+            await recorder.wait_for(lambda: recorder.unloaded("b"))
+            return recorder.unloaded("b")
+
+    assert asyncio.run(scenario()) == ["lru"]
+    assert modeld.prop("a", "State") == "ready"
+    assert modeld.prop("b", "State") == "unloaded"
+    assert modeld.prop("c", "State") == "ready"
+    assert modeld.manager_prop("LoadedCount") == 2
+    assert len(modeld.scopes()) == 2
+
+
+def test_max_loaded_is_writable_and_pinned_models_are_not_evicted(modeld: Modeld) -> None:
+    sb = modeld.sandbox
+    sb.busctl(
+        "set-property", "org.modeld1", "/org/modeld1", "org.modeld1.Manager", "MaxLoaded", "u", "1"
+    )
+    assert modeld.manager_prop("MaxLoaded") == 1
+    modeld.load("a")
+    modeld.call(
+        "SetPinned", "b", "true", path=modeld.model_path("a"), interface="org.modeld1.Model"
+    )
+    assert modeld.prop("a", "Pinned") is True
+    proc = modeld.load("b", check=False)
+    assert proc.returncode != 0
+    assert "max_loaded=1 reached" in proc.stderr and "a (pinned)" in proc.stderr
+    assert modeld.prop("a", "State") == "ready"
+    assert modeld.prop("b", "State") == "unloaded"
+    bad = sb.busctl(
+        "set-property",
+        "org.modeld1",
+        "/org/modeld1",
+        "org.modeld1.Manager",
+        "Version",
+        "s",
+        "9",
+        check=False,
+    )
+    assert bad.returncode != 0 and "read-only" in bad.stderr
+
+
+def test_sighup_and_reload_pick_up_new_models_and_refuse_invalid_config(
+    modeld: Modeld,
+) -> None:
+    sb = modeld.sandbox
+    modeld.load("a")
+    (modeld.models_dir / "d.toml").write_text(reference_model())
+    os.kill(modeld_host_pid(sb), signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while "d" not in {row[0] for row in modeld.call("ListModels")[0]}:
+        assert time.monotonic() < deadline, "SIGHUP did not reload"
+        time.sleep(0.05)
+    assert modeld.load("d") == ["/org/modeld1/model/d"]
+
+    (modeld.models_dir / "e.toml").write_text('backend = "reference"\nmemory_max = "lots"\n')
+
+    async def reload() -> tuple[str | None, str]:
+        async with connect(sb.bus_address) as bus:
+            reply = await call(bus, "Reload")
+            return reply.error_name, reply.body[0] if reply.body else ""
+
+    error_name, message = asyncio.run(reload())
+    assert error_name == "org.modeld1.Error.InvalidConfig"
+    assert f"{modeld.models_dir}/e.toml: memory_max: expected a size" in message
+    assert "e" not in {row[0] for row in modeld.call("ListModels")[0]}
+    assert modeld.prop("a", "State") == "ready"  # the running configuration is kept
+    assert sb.show("modeld.service", "ActiveState") == "active"
+
+    (modeld.models_dir / "e.toml").unlink()
+    (modeld.models_dir / "d.toml").unlink()
+    modeld.call("Reload")
+    assert "d" not in {row[0] for row in modeld.call("ListModels")[0]}
+    assert not [u for u in modeld.scopes() if "-d-" in u]  # removed models are unloaded
+
+
+def test_invalid_config_at_start_fails_the_unit_naming_the_key(
+    sandbox: Sandbox, tmp_path: Path
+) -> None:
+    deployment = Modeld(sandbox, tmp_path, daemon="max_loaded = -3\n", models=dict(MODELS))
+    deployment.install()
+    try:
+        sandbox.systemctl("start", "modeld.service", check=False)
+        sandbox.wait_unit("modeld.service", "ActiveState", "failed", timeout=20)
+        assert sandbox.show("modeld.service", "ExecMainStatus") == "78"
+        assert "daemon.max_loaded" in sandbox.journal(unit="modeld.service")
+    finally:
+        deployment.stop()
+        sandbox.remove_units(["modeld.service", "modeld.socket", "modeld.slice"])
+
+
+def test_a_blocked_event_loop_gets_modeld_killed_by_the_watchdog(
+    sandbox: Sandbox, tmp_path: Path
+) -> None:
+    deployment = deploy(
+        sandbox,
+        tmp_path,
+        MODELS,
+        dropin="WatchdogSec=2\nEnvironment=MODELD_TEST_BLOCK_ON_SIGUSR2=1\nRestart=no\n",
+    )
+    try:
+        time.sleep(2.5)  # several watchdog periods: the pings from the loop keep it alive
+        assert sandbox.show("modeld.service", "ActiveState") == "active"
+        os.kill(modeld_host_pid(sandbox), signal.SIGUSR2)
+        sandbox.wait_unit("modeld.service", "Result", "watchdog", timeout=15)
+    finally:
+        deployment.stop()
+        sandbox.remove_units(["modeld.service", "modeld.socket", "modeld.slice"])
+
+
+def test_stopping_modeld_stops_its_backends(modeld: Modeld) -> None:
+    modeld.load("a")
+    modeld.load("b")
+    assert len(modeld.scopes()) == 2
+    modeld.sandbox.systemctl("stop", "modeld.service")
+    assert modeld.scopes() == []
+    assert modeld.backend_processes() == []
+    assert modeld.backend_sockets() == []
+    assert "unloaded (shutdown)" in modeld.sandbox.journal(unit="modeld.service")
+
+
+def test_scopes_left_by_a_killed_modeld_are_collected_on_restart(modeld: Modeld) -> None:
+    sb = modeld.sandbox
+    modeld.load("a")
+    old_unit = modeld.prop("a", "Unit")
+    sb.systemctl("kill", "--signal=SIGKILL", "modeld.service")
+    sb.wait_unit("modeld.service", "ActiveState", "active", timeout=20)  # Restart=on-failure
+    modeld.http_get("/healthz")
+    assert old_unit not in modeld.scopes()
+    assert modeld.backend_processes() == []
+    assert modeld.load("a") == ["/org/modeld1/model/a"]
+    new_unit = modeld.prop("a", "Unit")
+    assert new_unit != old_unit  # generations continue past the collected scope
