@@ -72,10 +72,11 @@ class SignalRecorder:
         return self
 
     def _on_message(self, msg: Message) -> None:
-        if msg.message_type is MessageType.SIGNAL and msg.interface and msg.path:
-            if msg.interface.startswith("org.modeld1") or msg.member == "PropertiesChanged":
-                self.signals.append((msg.path, msg.member or "", list(msg.body)))
-                self._changed.set()
+        if msg.message_type is not MessageType.SIGNAL or not msg.interface or not msg.path:
+            return
+        if msg.interface.startswith("org.modeld1") or msg.member == "PropertiesChanged":
+            self.signals.append((msg.path, msg.member or "", list(msg.body)))
+            self._changed.set()
 
     def unloaded(self, name: str) -> list[str]:
         """Reasons of the ModelUnloaded signals seen for ``name``."""
