@@ -229,7 +229,7 @@ class ModelConfig:
         restart = "no"              # or "on-failure"
         user = "modeld"             # default: the daemon's backend_user
         tasks_max = 4096
-        cpu_weight = 100            # 1..10000
+        cpu_weight = 100            # 1..10000; unset: systemd's default (no CPU controller)
         [options]                   # more ModelOptions fields, by proto name
         ContextSize = 2048
 
@@ -239,7 +239,7 @@ class ModelConfig:
     (``UINT64_MAX`` = unlimited); ``memory_high`` is ``None`` only when
     ``memory_max`` is unlimited and no ``memory_high`` was given, and never
     exceeds a finite ``memory_max`` unless it is ``UINT64_MAX``;
-    ``parallel >= 1``; ``tasks_max >= 1``; ``1 <= cpu_weight <= 10000``;
+    ``parallel >= 1``; ``tasks_max >= 1``; ``cpu_weight`` is None or ``1 <= cpu_weight <= 10000``;
     ``options`` is read-only, keyed by ``ModelOptions`` field names, with
     arrays as tuples.  ``options`` never holds ``Model``/``ModelFile`` when
     ``model`` is set.
@@ -259,7 +259,7 @@ class ModelConfig:
     restart: RestartPolicy
     user: str | None
     tasks_max: int
-    cpu_weight: int
+    cpu_weight: int | None
     options: Mapping[str, object]
     source: Path
 
@@ -627,7 +627,9 @@ def _parse_model(
         restart=cast("RestartPolicy", restart),
         user=user or None,
         tasks_max=t.integer("tasks_max", 4096, 1),
-        cpu_weight=t.integer("cpu_weight", 100, 1, 10000),
+        cpu_weight=(
+            None if t.get("cpu_weight") is _MISSING else t.integer("cpu_weight", 100, 1, 10000)
+        ),
         options=_parse_options(file, t.get("options"), bool(model)),
         source=file,
     )

@@ -373,7 +373,7 @@ def test_minimal_model(setup: Setup) -> None:
     assert m.restart == "no"
     assert m.user is None
     assert m.tasks_max == 4096
-    assert m.cpu_weight == 100
+    assert m.cpu_weight is None  # not set: systemd's default, no CPU controller
     assert dict(m.options) == {}
     assert m.source == source
 

@@ -151,6 +151,7 @@ def test_health_and_startup_log(backend: Backend) -> None:
     reply = backend.stub.Health(pb.HealthMessage(), timeout=RPC_TIMEOUT)
     assert reply.message == b"OK"
     assert f"listening on {backend.addr}" in backend.log()
+    assert Path(backend.addr[len("unix:") :]).is_socket()
 
 
 def test_tcp_address(start: Callable[..., Backend]) -> None:
@@ -431,6 +432,6 @@ def test_knob_alloc_mb_raises_rss_and_free_releases_it(backend: Backend) -> None
     assert backend.load("alloc_mb=64").success
     status = backend.status()
     assert status.memory.breakdown["alloc"] == 64 * MIB
-    assert status.memory.total - base >= 60 * MIB
+    assert status.memory.total - base >= 56 * MIB
     assert backend.stub.Free(pb.HealthMessage(), timeout=RPC_TIMEOUT).success
     assert backend.status().memory.total < status.memory.total - 32 * MIB

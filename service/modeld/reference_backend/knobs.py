@@ -3,6 +3,12 @@
 Each option is ``key=value`` (LocalAI's ``key:value`` spelling is accepted too when
 there is no ``=``); boolean knobs may be given as a bare ``key``. Unknown keys and
 bad values are errors naming the key, so a typo in a test never passes silently.
+
+Inside LoadModel the knobs act in this order: ``ignore_sigterm`` (at once, even if the
+load then hangs), ``load_delay``, ``crash_on_load``, ``hang_on_load``, ``fail_load``,
+then the real load, ``alloc_mb``, and the ``crash_after`` / ``hang_after`` clocks start.
+A later LoadModel replaces all knobs (and cancels pending ``crash_after``/``hang_after``);
+Free cancels them too. ``predict_delay`` applies to Predict, PredictStream and Embedding.
 """
 
 from __future__ import annotations

@@ -98,13 +98,31 @@ class _Backend:
     oom: OomWatch | None = None
     scope_started: bool = False
     stopping: bool = False
-    phase: str = "starting"
+    phases: list[tuple[str, float]] = field(
+        default_factory=lambda: [("starting", time.monotonic())]
+    )
     crash_status: ExitStatus | None = None
     exited: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def address(self) -> str:
         return f"unix:{self.socket}"
+
+    @property
+    def phase(self) -> str:
+        """What the load is doing now, in words ("waiting for Health")."""
+        return self.phases[-1][0]
+
+    @phase.setter
+    def phase(self, phase: str) -> None:
+        self.phases.append((phase, time.monotonic()))
+
+    def timings(self) -> str:
+        """How long each load phase took, for the log line of a finished load."""
+        ends = [t for _, t in self.phases[1:]] + [time.monotonic()]
+        total = (ends[-1] - self.phases[0][1]) * 1000
+        steps = ", ".join(f"{p} {(e - t) * 1000:.1f}" for (p, t), e in zip(self.phases, ends))
+        return f"{total:.0f} ms ({steps})"
 
 
 @dataclass
@@ -325,6 +343,7 @@ class ModelOwner:
         if output_fd is None:
             output_fd = journal.open_log_file(socket_dir / f"{backend.socket.stem}.log")
         with DirectoryWatch(socket_dir) as watch:
+            backend.phase = "spawning"
             try:
                 backend.process = GatedProcess(
                     [str(definition.run), "--addr", backend.address],
@@ -339,7 +358,9 @@ class ModelOwner:
             self._set(main_pid=backend.process.pid)
             backend.phase = "creating its scope"
             await self._start_scope(backend)
+            backend.phase = "opening the gate"
             backend.process.open_gate()
+            await self._watch_cgroup(backend)
             backend.client = BackendClient(backend.address)
             await self._guard_stall(backend, self._handshake(backend, watch, options))
 
@@ -358,6 +379,9 @@ class ModelOwner:
         )
         await self._context.systemd.start_scope(spec, backend.process.pid)
         backend.scope_started = True
+
+    async def _watch_cgroup(self, backend: _Backend) -> None:
+        """Learn the scope's cgroup and watch it for OOM kills (while the backend starts)."""
         control_group = await self._context.systemd.unit_property(
             backend.unit, "Scope", "ControlGroup"
         )
@@ -427,6 +451,7 @@ class ModelOwner:
             return
         self._load_task = None
         if message.error is None:
+            log.info("model %s: loaded in %s", self.name, backend.timings())
             state = ModelState.BUSY if self.status.in_flight else ModelState.READY
             self._set_state(state, load_count=self.status.load_count + 1, last_used_us=_now_us())
             self._resolve_waiters(None)

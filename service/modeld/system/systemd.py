@@ -35,7 +35,7 @@ class ScopeSpec:
     memory_max: int
     memory_high: int | None
     tasks_max: int
-    cpu_weight: int
+    cpu_weight: int | None
     stop_timeout_s: float
 
 
@@ -115,12 +115,15 @@ class Systemd:
             ["MemoryMax", Variant("t", spec.memory_max)],
             ["TasksAccounting", Variant("b", True)],
             ["TasksMax", Variant("t", spec.tasks_max)],
-            ["CPUWeight", Variant("t", spec.cpu_weight)],
             ["TimeoutStopUSec", Variant("t", int(spec.stop_timeout_s * 1_000_000))],
             ["OOMPolicy", Variant("s", "stop")],
             ["AddRef", Variant("b", True)],
             ["CollectMode", Variant("s", "inactive-or-failed")],
         ]
+        if spec.cpu_weight is not None:
+            # Only when asked: on hybrid hosts any CPUWeight puts the backend in its own
+            # v1 cpu cgroup, which measurably slowed a loading backend in bench/.
+            props.append(["CPUWeight", Variant("t", spec.cpu_weight)])
         if spec.memory_high is not None:
             props.append(["MemoryHigh", Variant("t", spec.memory_high)])
         try:

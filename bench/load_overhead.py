@@ -1,0 +1,225 @@
+"""modeld's own cost per load, against raw starts of the same backend in the same run.
+
+Boots the project's systemd sandbox, runs modeld in it from the repository's units, then
+runs this file again *inside* the sandbox as the driver. The driver alternates three ways
+of getting the reference backend from nothing to "Health answered and LoadModel done":
+
+- ``modeld``: D-Bus ``Load(name, {wait: true})`` from an already-connected client;
+- ``scope``: the way ``systemd-run --scope`` does it: ``systemd-run --scope --slice=modeld.slice
+  -p MemoryMax=...`` (scope first, then exec), the client waits for the socket (inotify) and
+  calls Health and LoadModel;
+- ``bare``: the backend started directly, no scope, same client steps.
+
+The figure that matters is the median of the paired differences modeld - scope: what modeld
+adds on top of starting the backend in a scope. Machines here are noisy, so the three are
+interleaved and rotated, and only medians and paired differences are reported.
+
+Usage: python bench/load_overhead.py [--rounds N] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "service"))
+
+PHASES: dict[str, list[float]] = {}
+MODEL = "bench"
+MEMORY_MAX = 256 * 1024 * 1024
+RAW_SOCKET_DIR = Path("/run/modeld-bench")
+
+
+# ---------------------------------------------------------------------------- driver
+
+
+async def _ready(address: str, socket: Path, watch: object) -> None:
+    """Client side of a raw start: socket appears, then Health, then LoadModel."""
+    from modeld.supervisor.backend_client import BackendClient, build_model_options
+
+    demo = REPO / "service" / "modeld" / "data" / "demo.txt"
+    t0 = time.perf_counter()
+    await watch.wait_for(socket.name)  # type: ignore[attr-defined]
+    t1 = time.perf_counter()
+    client = BackendClient(address)
+    try:
+        await client.health()
+        t2 = time.perf_counter()
+        await client.load_model(build_model_options(str(demo), {}))
+        t3 = time.perf_counter()
+    finally:
+        await client.close()
+    PHASES.setdefault("socket", []).append(t1 - t0)
+    PHASES.setdefault("health", []).append(t2 - t1)
+    PHASES.setdefault("load", []).append(t3 - t2)
+
+
+async def _raw_start(round_no: int, *, scoped: bool) -> tuple[float, Callable[[], Awaitable[None]]]:
+    from modeld.system.inotify import DirectoryWatch
+
+    run_sh = REPO / "service" / "modeld" / "data" / "backends" / "reference" / "run.sh"
+    socket = RAW_SOCKET_DIR / f"raw-{round_no}.sock"
+    address = f"unix:{socket}"
+    unit = f"bench-raw-{os.getpid()}-{round_no}.scope"
+    argv = [str(run_sh), "--addr", address]
+    if scoped:
+        argv = [
+            "systemd-run",
+            "--scope",
+            "--quiet",
+            f"--unit={unit}",
+            "--slice=modeld.slice",
+            f"--property=MemoryMax={MEMORY_MAX}",
+            *argv,
+        ]
+    env = dict(os.environ, MODELD_PYTHON=sys.executable)
+    with DirectoryWatch(RAW_SOCKET_DIR) as watch:
+        start = time.perf_counter()
+        proc = await asyncio.create_subprocess_exec(
+            *argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        await _ready(address, socket, watch)
+        elapsed = time.perf_counter() - start
+
+    async def cleanup() -> None:
+        if scoped:
+            stop = await asyncio.create_subprocess_exec("systemctl", "stop", unit)
+            await stop.wait()
+        else:
+            proc.terminate()
+        await proc.wait()
+        with contextlib.suppress(FileNotFoundError):
+            socket.unlink()
+
+    return elapsed, cleanup
+
+
+async def _modeld_load(bus: object) -> tuple[float, Callable[[], Awaitable[None]]]:
+    from dbus_next.message import Message
+    from dbus_next.signature import Variant
+
+    def message(member: str, wait: bool) -> Message:
+        options = {"wait": Variant("b", True)} if wait else {}
+        return Message(
+            destination="org.modeld1",
+            path="/org/modeld1",
+            interface="org.modeld1.Manager",
+            member=member,
+            signature="sa{sv}",
+            body=[MODEL, options],
+        )
+
+    start = time.perf_counter()
+    reply = await bus.call(message("Load", True))  # type: ignore[attr-defined]
+    elapsed = time.perf_counter() - start
+    if reply.error_name:
+        raise RuntimeError(f"Load failed: {reply.body}")
+
+    async def cleanup() -> None:
+        await bus.call(message("Unload", False))  # type: ignore[attr-defined]
+
+    return elapsed, cleanup
+
+
+async def drive(rounds: int) -> dict[str, list[float]]:
+    from dbus_next.aio.message_bus import MessageBus
+    from dbus_next.constants import BusType
+
+    RAW_SOCKET_DIR.mkdir(parents=True, exist_ok=True)
+    bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
+    kinds: dict[str, Callable[[int], Awaitable[tuple[float, Callable[[], Awaitable[None]]]]]] = {
+        "modeld": lambda _n: _modeld_load(bus),
+        "scope": lambda n: _raw_start(n, scoped=True),
+        "bare": lambda n: _raw_start(n, scoped=False),
+    }
+    order = list(kinds)
+    times: dict[str, list[float]] = {kind: [] for kind in kinds}
+    for round_no in range(-1, rounds):  # round -1 warms caches and is not counted
+        rotated = order[round_no % 3 :] + order[: round_no % 3]
+        for kind in rotated:
+            elapsed, cleanup = await kinds[kind](round_no + 1000 * len(times[kind]))
+            await cleanup()
+            await asyncio.sleep(0.05)
+            if round_no >= 0:
+                times[kind].append(elapsed)
+    bus.disconnect()
+    return times
+
+
+def report(times: dict[str, list[float]]) -> dict[str, object]:
+    def ms(value: float) -> float:
+        return round(value * 1000, 2)
+
+    pairs_scope = [m - s for m, s in zip(times["modeld"], times["scope"], strict=True)]
+    pairs_bare = [m - b for m, b in zip(times["modeld"], times["bare"], strict=True)]
+    return {
+        "rounds": len(times["modeld"]),
+        "median_ms": {kind: ms(statistics.median(v)) for kind, v in times.items()},
+        "modeld_minus_scope_median_ms": ms(statistics.median(pairs_scope)),
+        "modeld_minus_bare_median_ms": ms(statistics.median(pairs_bare)),
+        "samples_ms": {kind: [ms(v) for v in values] for kind, values in times.items()},
+    }
+
+
+# ---------------------------------------------------------------------- orchestrator
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--json", type=Path, help="also write the result here")
+    parser.add_argument("--driver", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.driver:
+        print(json.dumps(asyncio.run(drive(args.rounds))))
+        return 0
+
+    import tempfile
+
+    from sandbox import booted_sandbox
+    from sandbox.deploy import deploy, reference_model
+
+    with (
+        tempfile.TemporaryDirectory(prefix="modeld-bench-") as tmp,
+        booted_sandbox(dbus_policy_files=[REPO / "systemd" / "org.modeld1.conf"]) as sandbox,
+    ):
+        modeld = deploy(sandbox, Path(tmp), {MODEL: reference_model(memory_max="256M")})
+        proc = sandbox.exec(
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--driver",
+            f"--rounds={args.rounds}",
+            env={"PYTHONPATH": str(REPO / "service")},
+            timeout=60 + args.rounds * 10,
+        )
+        phase_log = [
+            line
+            for line in sandbox.journal(unit="modeld.service").splitlines()
+            if ": loaded in " in line
+        ]
+        modeld.stop()
+    result = report(json.loads(proc.stdout.splitlines()[-1]))
+    internal = [float(line.split(" loaded in ")[1].split()[0]) for line in phase_log[1:]]
+    result["modeld_internal_load_median_ms"] = statistics.median(internal) if internal else None
+    result["modeld_load_phases"] = phase_log[-3:]
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
