@@ -121,7 +121,8 @@ class _Backend:
         """How long each load phase took, for the log line of a finished load."""
         ends = [t for _, t in self.phases[1:]] + [time.monotonic()]
         total = (ends[-1] - self.phases[0][1]) * 1000
-        steps = ", ".join(f"{p} {(e - t) * 1000:.1f}" for (p, t), e in zip(self.phases, ends))
+        spans = zip(self.phases, ends, strict=True)
+        steps = ", ".join(f"{phase} {(end - start) * 1000:.1f}" for (phase, start), end in spans)
         return f"{total:.0f} ms ({steps})"
 
 
