@@ -190,3 +190,35 @@ def test_scopes_left_by_a_killed_modeld_are_collected_on_restart(modeld: Modeld)
     assert modeld.load("a") == ["/org/modeld1/model/a"]
     new_unit = modeld.prop("a", "Unit")
     assert new_unit != old_unit  # generations continue past the collected scope
+
+
+def test_without_socket_activation_modeld_binds_its_own_socket(
+    sandbox: Sandbox, tmp_path: Path
+) -> None:
+    """Started by hand (a plain transient service here): no LISTEN_FDS, same API socket."""
+    import sys
+
+    from sandbox.deploy import REPO
+
+    deployment = Modeld(sandbox, tmp_path, models={"a": reference_model()})
+    deployment.write_config()
+    sandbox.systemctl("stop", "modeld.socket", "modeld.service", check=False)
+    try:
+        sandbox.exec(
+            "systemd-run",
+            "--unit=modeld-standalone",
+            "--property=Type=notify",
+            f"--setenv=PYTHONPATH={REPO / 'service'}",
+            sys.executable,
+            "-m",
+            "modeld",
+            "--config",
+            str(tmp_path / "modeld.toml"),
+        )
+        assert sandbox.show("modeld-standalone.service", "ActiveState") == "active"
+        status, body = deployment.http_get("/healthz")
+        assert status == 200 and body["status"] == "ok"
+        assert deployment.load("a") == ["/org/modeld1/model/a"]
+    finally:
+        sandbox.systemctl("stop", "modeld-standalone.service", check=False)
+    assert deployment.scopes() == []

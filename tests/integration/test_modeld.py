@@ -29,6 +29,7 @@ MODELS = {
     "my model": reference_model(),
     "ünï-cödé": reference_model(),
     "leased": reference_model(),
+    "phoenix": reference_model(options=("crash_after=0.5",), extra='restart = "on-failure"\n'),
 }
 
 
@@ -157,6 +158,9 @@ def test_a_backend_over_its_memory_limit_is_reported_as_oom(modeld: Modeld) -> N
 
 
 def test_a_failing_load_model_is_reported_with_the_backends_words(modeld: Modeld) -> None:
+    error, reasons, _states = _load_and_record(modeld, "broken")
+    assert error == "org.modeld1.Error.LoadFailed"
+    assert reasons == ["failed"]
     proc = modeld.load("broken", check=False)
     assert proc.returncode != 0
     assert "corrupt weights in layer 7" in proc.stderr
@@ -165,9 +169,7 @@ def test_a_failing_load_model_is_reported_with_the_backends_words(modeld: Modeld
         "broken", "LastError"
     )
     assert_nothing_left(modeld, "broken")
-    # a failed model can be loaded again (and fails again, cleanly)
-    assert modeld.load("broken", check=False).returncode != 0
-    assert_nothing_left(modeld, "broken")
+    assert modeld.prop("broken", "LoadCount") == 0
 
 
 def test_a_stalled_load_fails_after_the_stall_timeout(modeld: Modeld) -> None:
@@ -270,3 +272,21 @@ def test_modeldctl_shows_progress_against_the_real_daemon(modeld: Modeld) -> Non
     assert '"state": "ready"' in listed.stdout
     modeld.unload("demo")
     assert_nothing_left(modeld, "demo")
+
+
+def test_restart_on_failure_loads_a_crashed_model_again(modeld: Modeld) -> None:
+    async def scenario() -> list[str]:
+        async with connect(modeld.sandbox.bus_address) as bus:
+            recorder = await SignalRecorder(bus).start()
+            reply = await call(bus, "Load", "sa{sv}", ["phoenix", {"wait": _variant(True)}])
+            assert reply.error_name is None, reply.body
+            # crash after 0.5 s, restart after 1 s, crash again: two crashes, two loads
+            await recorder.wait_for(lambda: len(recorder.unloaded("phoenix")) >= 2)
+            return recorder.unloaded("phoenix")
+
+    assert asyncio.run(scenario())[:2] == ["crashed", "crashed"]
+    assert modeld.prop("phoenix", "LoadCount") >= 2
+    assert "restarting in 1 s (restart=on-failure)" in modeld.sandbox.journal(unit="modeld.service")
+    modeld.unload("phoenix")  # cancels the next restart
+    assert modeld.prop("phoenix", "State") == "unloaded"
+    assert_nothing_left(modeld, "phoenix")

@@ -83,6 +83,11 @@ class OwnerContext:
     stop_timeout: float
     resolve_backend: Callable[[str], Backend | None]
     default_user: str | None
+    restart: Callable[[str], None] = lambda _name: None
+    """Asks the supervisor to load a model again (``restart = "on-failure"``)."""
+
+
+RESTART_BACKOFF_MAX = 60.0
 
 
 @dataclass
@@ -193,6 +198,8 @@ class ModelOwner:
         self._load_task: asyncio.Task[None] | None = None
         self._load_waiters: list[asyncio.Future[None]] = []
         self._deferred_unloads: list[tuple[_Unload, asyncio.Future[None]]] = []
+        self._restart_timer: asyncio.TimerHandle | None = None
+        self._failures_in_a_row = 0
         self._task = asyncio.create_task(self._run(), name=f"owner:{config.name}")
 
     @property
@@ -288,6 +295,7 @@ class ModelOwner:
     # ------------------------------------------------------------------------- load
 
     def _on_load(self, message: _Load) -> None:
+        self._cancel_restart()
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         state = self.status.state
         if state.serving:
@@ -528,6 +536,26 @@ class ModelOwner:
         detail = f"; last output: {tail[-1]}" if tail else ""
         self._resolve_waiters(LoadFailed(f"{self.name}: {summary}{detail}"))
         self._observer.on_unloaded(self.name, reason)
+        if crash is not None and not was_loading and self.config.restart == "on-failure":
+            self._schedule_restart()
+
+    def _schedule_restart(self) -> None:
+        """Load again after a crash, backing off 1 s, 2 s, 4 s ... up to a minute.
+
+        Only a backend that crashed after it was ready is restarted: one that cannot load
+        would only crash in a loop, so that stays ``failed`` for a person to look at.
+        """
+        delay = min(RESTART_BACKOFF_MAX, 2.0**self._failures_in_a_row)
+        self._failures_in_a_row += 1
+        log.info("model %s: restarting in %.0f s (restart=on-failure)", self.name, delay)
+        self._restart_timer = asyncio.get_running_loop().call_later(
+            delay, self._context.restart, self.name
+        )
+
+    def _cancel_restart(self) -> None:
+        if self._restart_timer is not None:
+            self._restart_timer.cancel()
+            self._restart_timer = None
 
     async def _teardown(self, backend: _Backend) -> str | None:
         """Stop everything of ``backend``; returns the scope's Result when it had one."""
@@ -566,6 +594,8 @@ class ModelOwner:
     # ----------------------------------------------------------------------- unload
 
     async def _on_unload(self, message: _Unload) -> None:
+        self._cancel_restart()
+        self._failures_in_a_row = 0
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         state = self.status.state
         backend = self._backend

@@ -19,7 +19,7 @@ from modeld.config import Config, ModelConfig
 from modeld.core.policy import Limits, ModelSnapshot, Plan, plan_load
 from modeld.core.states import ModelState
 from modeld.discovery import BackendIndex, discover_backends, effective_backend_dirs
-from modeld.errors import InsufficientResources, NoSuchModel
+from modeld.errors import InsufficientResources, ModeldError, NoSuchModel
 from modeld.naming import UNIT_PREFIX, parse_scope_name, unit_escape
 from modeld.supervisor.owner import ModelOwner, ModelStatus, OwnerContext, OwnerObserver
 from modeld.system.cgroup import CgroupLayout
@@ -97,6 +97,7 @@ class Supervisor:
             stop_timeout=self.config.daemon.stop_timeout,
             resolve_backend=self.backends.resolve,
             default_user=self._default_user,
+            restart=self._restart,
         )
         owner = ModelOwner(
             model,
@@ -191,6 +192,19 @@ class Supervisor:
                 victim = self._owners[eviction.name]
                 evictions.append(await victim.request_unload(eviction.reason))
             return await owner.request_load(after=evictions)
+
+    def _restart(self, name: str) -> None:
+        """Load ``name`` again after a crash, through admission like any other load."""
+
+        async def restart() -> None:
+            try:
+                await (await self.load(name))
+            except ModeldError as err:
+                log.warning("restarting %s failed: %s", name, err)
+
+        task = asyncio.create_task(restart(), name=f"restart:{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def unload(self, name: str, *, force: bool = False) -> asyncio.Future[None]:
         return await self.owner(name).request_unload("requested", force=force)
