@@ -149,7 +149,10 @@ def _load_entry(origin: Path, name: str) -> Backend:
 def _scan(origin: Path, problems: list[str]) -> list[Backend]:
     try:
         names = sorted(os.listdir(origin))
-    except (FileNotFoundError, NotADirectoryError):
+    except FileNotFoundError:
+        return []
+    except NotADirectoryError:
+        problems.append(f"{origin}: cannot list backends directory: not a directory")
         return []
     except OSError as exc:
         problems.append(f"{origin}: cannot list backends directory: {exc.strerror or exc}")
