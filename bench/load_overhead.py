@@ -44,12 +44,12 @@ RAW_SOCKET_DIR = Path("/run/modeld-bench")
 # ---------------------------------------------------------------------------- driver
 
 
-async def _ready(address: str, socket: Path, watch: object) -> None:
+async def _ready(kind: str, address: str, socket: Path, watch: object, start: float) -> None:
     """Client side of a raw start: socket appears, then Health, then LoadModel."""
     from modeld.supervisor.backend_client import BackendClient, build_model_options
 
     demo = REPO / "service" / "modeld" / "data" / "demo.txt"
-    t0 = time.perf_counter()
+    t0 = start
     await watch.wait_for(socket.name)  # type: ignore[attr-defined]
     t1 = time.perf_counter()
     client = BackendClient(address)
@@ -60,9 +60,9 @@ async def _ready(address: str, socket: Path, watch: object) -> None:
         t3 = time.perf_counter()
     finally:
         await client.close()
-    PHASES.setdefault("socket", []).append(t1 - t0)
-    PHASES.setdefault("health", []).append(t2 - t1)
-    PHASES.setdefault("load", []).append(t3 - t2)
+    PHASES.setdefault(f"{kind} socket", []).append(t1 - t0)
+    PHASES.setdefault(f"{kind} health", []).append(t2 - t1)
+    PHASES.setdefault(f"{kind} load", []).append(t3 - t2)
 
 
 async def _raw_start(round_no: int, *, scoped: bool) -> tuple[float, Callable[[], Awaitable[None]]]:
@@ -89,7 +89,7 @@ async def _raw_start(round_no: int, *, scoped: bool) -> tuple[float, Callable[[]
         proc = await asyncio.create_subprocess_exec(
             *argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
-        await _ready(address, socket, watch)
+        await _ready("scope" if scoped else "bare", address, socket, watch, start)
         elapsed = time.perf_counter() - start
 
     async def cleanup() -> None:
@@ -175,6 +175,16 @@ def report(times: dict[str, list[float]]) -> dict[str, object]:
 # ---------------------------------------------------------------------- orchestrator
 
 
+def _phase_medians(lines: list[str]) -> dict[str, float]:
+    """Medians of the per-phase timings in modeld's "loaded in" log lines."""
+    spans: dict[str, list[float]] = {}
+    for line in lines:
+        for part in line.split("(", 1)[1].rstrip(")").split(", "):
+            phase, _, value = part.rpartition(" ")
+            spans.setdefault(phase, []).append(float(value))
+    return {phase: round(statistics.median(v), 1) for phase, v in spans.items()}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=15)
@@ -182,7 +192,9 @@ def main() -> int:
     parser.add_argument("--driver", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.driver:
-        print(json.dumps(asyncio.run(drive(args.rounds))))
+        times = asyncio.run(drive(args.rounds))
+        phases = {k: statistics.median(v) for k, v in PHASES.items()}
+        print(json.dumps({"times": times, "phases": phases}))
         return 0
 
     import tempfile
@@ -209,9 +221,12 @@ def main() -> int:
             if ": loaded in " in line
         ]
         modeld.stop()
-    result = report(json.loads(proc.stdout.splitlines()[-1]))
+    driver = json.loads(proc.stdout.splitlines()[-1])
+    result = report(driver["times"])
+    result["raw_phase_medians_ms"] = {k: round(v * 1000, 1) for k, v in driver["phases"].items()}
     internal = [float(line.split(" loaded in ")[1].split()[0]) for line in phase_log[1:]]
     result["modeld_internal_load_median_ms"] = statistics.median(internal) if internal else None
+    result["modeld_phase_medians_ms"] = _phase_medians(phase_log[1:])
     result["modeld_load_phases"] = phase_log[-3:]
     text = json.dumps(result, indent=2)
     print(text)

@@ -83,6 +83,8 @@ class OwnerContext:
     stop_timeout: float
     resolve_backend: Callable[[str], Backend | None]
     default_user: str | None
+    sockets: DirectoryWatch
+    """The watch on ``runtime_dir/backends`` that sees backend sockets appear."""
     restart: Callable[[str], None] = lambda _name: None
     """Asks the supervisor to load a model again (``restart = "on-failure"``)."""
 
@@ -351,27 +353,25 @@ class ModelOwner:
         output_fd = journal.open_journal_stream(self.name)
         if output_fd is None:
             output_fd = journal.open_log_file(socket_dir / f"{backend.socket.stem}.log")
-        with DirectoryWatch(socket_dir) as watch:
-            backend.phase = "spawning"
-            try:
-                backend.process = GatedProcess(
-                    [str(definition.run), "--addr", backend.address],
-                    env=backend_environment(self.name),
-                    cwd=str(definition.directory),
-                    output_fd=output_fd,
-                    credentials=credentials,
-                    on_exit=lambda status: self._on_process_exit(backend, status),
-                )
-            finally:
-                os.close(output_fd)
-            self._set(main_pid=backend.process.pid)
-            backend.phase = "creating its scope"
-            await self._start_scope(backend)
-            backend.phase = "opening the gate"
-            backend.process.open_gate()
-            await self._watch_cgroup(backend)
-            backend.client = BackendClient(backend.address)
-            await self._guard_stall(backend, self._handshake(backend, watch, options))
+        backend.phase = "spawning"
+        try:
+            backend.process = GatedProcess(
+                [str(definition.run), "--addr", backend.address],
+                env=backend_environment(self.name),
+                cwd=str(definition.directory),
+                output_fd=output_fd,
+                credentials=credentials,
+                on_exit=lambda status: self._on_process_exit(backend, status),
+            )
+        finally:
+            os.close(output_fd)
+        self._set(main_pid=backend.process.pid)
+        backend.phase = "creating its scope"
+        await self._start_scope(backend)
+        backend.phase = "opening the gate"
+        backend.process.open_gate()
+        await self._watch_cgroup(backend)
+        await self._guard_stall(backend, self._handshake(backend, options))
 
     async def _start_scope(self, backend: _Backend) -> None:
         assert backend.process is not None
@@ -398,10 +398,10 @@ class ModelOwner:
             backend.oom = OomWatch(self._context.cgroups, control_group)
             self._set(control_group=control_group)
 
-    async def _handshake(self, backend: _Backend, watch: DirectoryWatch, options: Any) -> None:
-        assert backend.client is not None
+    async def _handshake(self, backend: _Backend, options: Any) -> None:
         backend.phase = "waiting for its socket"
-        await watch.wait_for(backend.socket.name)
+        await self._context.sockets.wait_for(backend.socket.name)
+        backend.client = BackendClient(backend.address)
         backend.phase = "waiting for Health"
         await backend.client.health()
         backend.phase = "in LoadModel"

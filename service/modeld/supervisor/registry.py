@@ -23,6 +23,7 @@ from modeld.errors import InsufficientResources, ModeldError, NoSuchModel
 from modeld.naming import UNIT_PREFIX, parse_scope_name, unit_escape
 from modeld.supervisor.owner import ModelOwner, ModelStatus, OwnerContext, OwnerObserver
 from modeld.system.cgroup import CgroupLayout
+from modeld.system.inotify import DirectoryWatch
 from modeld.system.systemd import Systemd
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,7 @@ class Supervisor:
         backends_dir = self.config.daemon.runtime_dir / "backends"
         backends_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(backends_dir, 0o1733)
+        self._sockets = DirectoryWatch(backends_dir)
         await self._collect_leftover_scopes()
         for model in self.config.models.values():
             self._add_owner(model)
@@ -97,6 +99,7 @@ class Supervisor:
             stop_timeout=self.config.daemon.stop_timeout,
             resolve_backend=self.backends.resolve,
             default_user=self._default_user,
+            sockets=self._sockets,
             restart=self._restart,
         )
         owner = ModelOwner(
@@ -113,6 +116,7 @@ class Supervisor:
         await asyncio.gather(*(owner.close() for owner in self._owners.values()))
         for task in list(self._tasks):
             task.cancel()
+        self._sockets.close()
 
     async def reload(self, config: Config) -> tuple[list[str], list[str]]:
         """Switch to ``config``: returns (added, removed) model names.

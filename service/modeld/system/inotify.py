@@ -1,4 +1,8 @@
-"""Wait for a file to appear, driven by inotify (no polling)."""
+"""Wait for files to appear in a directory, driven by inotify (no polling).
+
+One watch lives as long as the directory is used: closing an inotify instance waits for an
+RCU grace period in the kernel (about 10 ms here), far too slow for every backend start.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True
 
 
 class DirectoryWatch:
-    """Watches one directory for created entries; set up before the entry can appear."""
+    """Resolves waiters as soon as an entry of that name is created in ``directory``."""
 
     def __init__(self, directory: Path) -> None:
         self._fd = _libc.inotify_init1(_IN_CLOEXEC | _IN_NONBLOCK)
@@ -30,9 +34,9 @@ class DirectoryWatch:
             os.close(self._fd)
             raise OSError(err, f"inotify_add_watch {directory} failed")
         self._directory = directory
-        self._seen: set[str] = set()
-        self._changed = asyncio.Event()
-        asyncio.get_running_loop().add_reader(self._fd, self._on_readable)
+        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self._fd, self._on_readable)
 
     def _on_readable(self) -> None:
         try:
@@ -43,20 +47,33 @@ class DirectoryWatch:
         while offset < len(data):
             _wd, _mask, _cookie, length = _EVENT_HEADER.unpack_from(data, offset)
             offset += _EVENT_HEADER.size
-            name = data[offset : offset + length].rstrip(b"\0")
+            name = os.fsdecode(data[offset : offset + length].rstrip(b"\0"))
             offset += length
-            self._seen.add(os.fsdecode(name))
-        self._changed.set()
+            self._resolve(name)
+
+    def _resolve(self, name: str) -> None:
+        for waiter in self._waiters.pop(name, []):
+            if not waiter.done():
+                waiter.set_result(None)
 
     async def wait_for(self, name: str) -> None:
-        """Return once ``name`` exists in the directory."""
-        while name not in self._seen and not (self._directory / name).exists():
-            self._changed.clear()
-            await self._changed.wait()
+        """Return once ``name`` exists in the directory (at once if it already does)."""
+        waiter: asyncio.Future[None] = self._loop.create_future()
+        self._waiters.setdefault(name, []).append(waiter)
+        if (self._directory / name).exists():
+            self._resolve(name)
+        try:
+            await waiter
+        finally:
+            waiters = self._waiters.get(name)
+            if waiters is not None and waiter in waiters:
+                waiters.remove(waiter)
+                if not waiters:
+                    del self._waiters[name]
 
     def close(self) -> None:
         if self._fd >= 0:
-            asyncio.get_running_loop().remove_reader(self._fd)
+            self._loop.remove_reader(self._fd)
             os.close(self._fd)
             self._fd = -1
 
