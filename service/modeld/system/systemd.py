@@ -121,8 +121,7 @@ class Systemd:
             ["CollectMode", Variant("s", "inactive-or-failed")],
         ]
         if spec.cpu_weight is not None:
-            # Only when asked: on hybrid hosts any CPUWeight puts the backend in its own
-            # v1 cpu cgroup, which measurably slowed a loading backend in bench/.
+            # Only when configured: unset leaves the scope at systemd's default weight.
             props.append(["CPUWeight", Variant("t", spec.cpu_weight)])
         if spec.memory_high is not None:
             props.append(["MemoryHigh", Variant("t", spec.memory_high)])
