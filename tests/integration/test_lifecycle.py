@@ -22,7 +22,7 @@ MODELS = {"a": reference_model(), "b": reference_model(), "c": reference_model()
 
 @pytest.fixture
 def modeld(sandbox: Sandbox, tmp_path: Path) -> Iterator[Modeld]:
-    deployment = deploy(sandbox, tmp_path, MODELS, daemon="max_loaded = 2\n")
+    deployment = deploy(sandbox, tmp_path, MODELS, daemon='max_loaded = 2\nmemory_budget = "3G"\n')
     yield deployment
     deployment.stop()
     sandbox.remove_units(["modeld.service", "modeld.socket", "modeld.slice"])
@@ -68,6 +68,15 @@ def test_the_cap_evicts_the_least_recently_used_model(modeld: Modeld) -> None:
     assert modeld.prop("c", "State") == "ready"
     assert modeld.manager_prop("LoadedCount") == 2
     assert len(modeld.scopes()) == 2
+
+
+def test_the_memory_budget_limits_modeld_slice(modeld: Modeld) -> None:
+    sb = modeld.sandbox
+    assert sb.show("modeld.slice", "MemoryMax") == str(3 * 1024**3)
+    assert modeld.manager_prop("MemoryBudget") == 3 * 1024**3
+    assert sb.memory_max("/modeld.slice") == 3 * 1024**3
+    modeld.load("a")
+    assert modeld.manager_prop("MemoryUsed") > 1024 * 1024
 
 
 def test_max_loaded_is_writable_and_pinned_models_are_not_evicted(modeld: Modeld) -> None:

@@ -19,8 +19,8 @@ from modeld.config import Config, ModelConfig
 from modeld.core.policy import Limits, ModelSnapshot, Plan, plan_load
 from modeld.core.states import ModelState
 from modeld.discovery import BackendIndex, discover_backends, effective_backend_dirs
-from modeld.errors import InsufficientResources, ModeldError, NoSuchModel
-from modeld.naming import UNIT_PREFIX, parse_scope_name, unit_escape
+from modeld.errors import InsufficientResources, ModeldError, NoSuchModel, SystemdError
+from modeld.naming import SLICE, UNIT_PREFIX, parse_scope_name, unit_escape
 from modeld.supervisor.owner import ModelOwner, ModelStatus, OwnerContext, OwnerObserver
 from modeld.system.cgroup import CgroupLayout
 from modeld.system.inotify import DirectoryWatch
@@ -76,8 +76,16 @@ class Supervisor:
         os.chmod(backends_dir, 0o1733)
         self._sockets = DirectoryWatch(backends_dir)
         await self._collect_leftover_scopes()
+        await self._apply_memory_budget()
         for model in self.config.models.values():
             self._add_owner(model)
+
+    async def _apply_memory_budget(self) -> None:
+        """The budget for all backends together is also the limit of modeld.slice."""
+        try:
+            await self._systemd.set_memory_max(SLICE, self.config.daemon.memory_budget)
+        except SystemdError as err:
+            log.warning("%s; the budget is not enforced by the kernel", err)
 
     async def _collect_leftover_scopes(self) -> None:
         for unit, _state in await self._systemd.list_units([f"{UNIT_PREFIX}*.scope"]):
@@ -131,6 +139,7 @@ class Supervisor:
             await owner.close()
         self.config = config
         self.max_loaded = config.daemon.max_loaded
+        await self._apply_memory_budget()
         self.backends = discover_backends(effective_backend_dirs(config.daemon.backends_dirs))
         for name, model in config.models.items():
             if name in self._owners:

@@ -135,6 +135,17 @@ class Systemd:
         if result != "done":
             raise SystemdError(f"starting {spec.unit} ended with result '{result}'")
 
+    async def set_memory_max(self, unit: str, memory_max: int) -> None:
+        """Set MemoryMax of ``unit`` for this boot (not persisted to /etc)."""
+        try:
+            await self._manager(
+                "SetUnitProperties",
+                "sba(sv)",
+                [unit, True, [["MemoryMax", Variant("t", memory_max)]]],
+            )
+        except DBusError as err:
+            raise SystemdError(f"cannot set MemoryMax of {unit}: {err.text}") from None
+
     async def stop_unit(self, unit: str) -> None:
         """Stop ``unit`` (SIGTERM, then SIGKILL after its stop timeout) and wait for it."""
         try:
