@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
-SERVICE = Path(__file__).resolve().parents[2] / "service"
-if str(SERVICE) not in sys.path:  # until pytest is configured with pythonpath = ["service"]
-    sys.path.insert(0, str(SERVICE))
-
-from modeld import config as config_module  # noqa: E402
-from modeld.config import (  # noqa: E402
+from modeld import config as config_module
+from modeld.config import (
     DEFAULT_CONFIG_PATH,
     MODEL_OPTIONS_FIELDS,
     MODEL_OPTIONS_TYPES,
@@ -25,7 +20,7 @@ from modeld.config import (  # noqa: E402
     load_model_config,
     model_name_problem,
 )
-from modeld.units import UINT64_MAX  # noqa: E402
+from modeld.units import UINT64_MAX
 
 MiB = 1024**2
 GiB = 1024**3

@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-SERVICE = Path(__file__).resolve().parents[2] / "service"
-if str(SERVICE) not in sys.path:  # until pytest is configured with pythonpath = ["service"]
-    sys.path.insert(0, str(SERVICE))
-
-from modeld.discovery import (  # noqa: E402
+from modeld.discovery import (
     BUILTIN_BACKENDS_DIR,
     Backend,
     discover_backends,

@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-SERVICE = Path(__file__).resolve().parents[2] / "service"
-if str(SERVICE) not in sys.path:
-    sys.path.insert(0, str(SERVICE))
-
-from modeld.reference_backend.knobs import KnobError, Knobs, parse_knobs  # noqa: E402
-from modeld.reference_backend.ngram import (  # noqa: E402
+from modeld.reference_backend.knobs import KnobError, Knobs, parse_knobs
+from modeld.reference_backend.ngram import (
     EMBEDDING_DIM,
     NgramModel,
     SamplingParams,
@@ -24,6 +19,8 @@ from modeld.reference_backend.ngram import (  # noqa: E402
     stable_hash,
     tokenize,
 )
+
+SERVICE = Path(__file__).resolve().parents[2] / "service"
 
 DEMO = SERVICE / "modeld" / "data" / "demo.txt"
 

@@ -21,13 +21,11 @@ from typing import Any
 import grpc
 import pytest
 
+from modeld.rpc import backend_pb2 as pb
+from modeld.rpc import backend_pb2_grpc as pb_grpc
+
 ROOT = Path(__file__).resolve().parents[2]
 SERVICE = ROOT / "service"
-if str(SERVICE) not in sys.path:
-    sys.path.insert(0, str(SERVICE))
-
-from modeld.rpc import backend_pb2 as pb  # noqa: E402
-from modeld.rpc import backend_pb2_grpc as pb_grpc  # noqa: E402
 
 RUN_SH = SERVICE / "modeld" / "data" / "backends" / "reference" / "run.sh"
 DEMO = SERVICE / "modeld" / "data" / "demo.txt"

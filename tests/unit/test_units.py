@@ -3,18 +3,12 @@
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-SERVICE = Path(__file__).resolve().parents[2] / "service"
-if str(SERVICE) not in sys.path:  # until pytest is configured with pythonpath = ["service"]
-    sys.path.insert(0, str(SERVICE))
-
-from modeld.units import UINT64_MAX, format_size, parse_duration, parse_size  # noqa: E402
+from modeld.units import UINT64_MAX, format_size, parse_duration, parse_size
 
 KiB = 1024
 MiB = 1024**2
