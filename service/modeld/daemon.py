@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("modeld")
 
 EXIT_CONFIG = 78
+RESTART_JOBS = frozenset({"restart", "try-restart", "reload-or-restart"})
 BUS_NAME = "org.modeld1"
 
 
@@ -157,10 +158,15 @@ class Daemon:
         )
         await self._stop.wait()
 
-        log.info("stopping")
+        restarting = await systemd.own_job_type() in RESTART_JOBS
         self._notifier.stopping()
         await http.stop()
-        await supervisor.shutdown()
+        if restarting:
+            log.info("restarting: backends keep running and will be re-adopted")
+            await supervisor.detach()
+        else:
+            log.info("stopping: stopping all backends")
+            await supervisor.shutdown()
         for task in list(self._tasks):
             task.cancel()
         with contextlib.suppress(Exception):

@@ -187,18 +187,66 @@ def test_stopping_modeld_stops_its_backends(modeld: Modeld) -> None:
     assert "unloaded (shutdown)" in modeld.sandbox.journal(unit="modeld.service")
 
 
-def test_scopes_left_by_a_killed_modeld_are_collected_on_restart(modeld: Modeld) -> None:
+def test_backends_survive_a_restart_of_modeld_and_are_re_adopted(modeld: Modeld) -> None:
     sb = modeld.sandbox
     modeld.load("a")
-    old_unit = modeld.prop("a", "Unit")
-    sb.systemctl("kill", "--signal=SIGKILL", "modeld.service")
-    sb.wait_unit("modeld.service", "ActiveState", "active", timeout=20)  # Restart=on-failure
-    modeld.http_get("/healthz")
-    assert old_unit not in modeld.scopes()
+    unit, pid = modeld.prop("a", "Unit"), modeld.prop("a", "MainPID")
+    before = len(sb.journal(unit="modeld.service"))
+    sb.systemctl("restart", "modeld.service")
+    assert modeld.prop("a", "State") == "ready"
+    assert (modeld.prop("a", "Unit"), modeld.prop("a", "MainPID")) == (unit, pid)
+    assert modeld.prop("a", "LoadCount") == 1
+    assert modeld.scopes() == [unit]
+    journal = sb.journal(unit="modeld.service")[before:]
+    assert "restarting: backends keep running" in journal
+    assert f"re-adopted {unit}" in journal
+    assert "unloaded (shutdown)" not in journal
+    modeld.unload("a")  # an adopted backend is stopped like any other
+    assert modeld.scopes() == []
     assert modeld.backend_processes() == []
-    assert modeld.load("a") == ["/org/modeld1/model/a"]
-    new_unit = modeld.prop("a", "Unit")
-    assert new_unit != old_unit  # generations continue past the collected scope
+
+
+def test_a_killed_modeld_re_adopts_its_backends(modeld: Modeld) -> None:
+    sb = modeld.sandbox
+    modeld.load("a")
+    unit, pid = modeld.prop("a", "Unit"), modeld.prop("a", "MainPID")
+    sb.systemctl("kill", "--signal=SIGKILL", "modeld.service")
+    sb.wait_unit("modeld.service", "NRestarts", "1", timeout=20)  # Restart=on-failure
+    sb.wait_unit("modeld.service", "ActiveState", "active", timeout=20)
+    assert (modeld.prop("a", "State"), modeld.prop("a", "MainPID")) == ("ready", pid)
+    assert modeld.prop("a", "Unit") == unit
+    modeld.unload("a")
+    modeld.load("a")
+    assert modeld.prop("a", "Unit") != unit  # generations continue past adopted scopes
+
+
+def test_scopes_of_models_no_longer_configured_are_stopped_at_start(modeld: Modeld) -> None:
+    sb = modeld.sandbox
+    modeld.load("c")
+    unit = modeld.prop("c", "Unit")
+    before = len(sb.journal(unit="modeld.service"))
+    (modeld.models_dir / "c.toml").unlink()
+    sb.systemctl("kill", "--signal=SIGKILL", "modeld.service")
+    sb.wait_unit("modeld.service", "NRestarts", "1", timeout=20)
+    sb.wait_unit("modeld.service", "ActiveState", "active", timeout=20)
+    assert unit not in modeld.scopes()
+    assert modeld.backend_processes() == []
+    assert (
+        f"stopping {unit} left behind by an earlier modeld"
+        in sb.journal(unit="modeld.service")[before:]
+    )
+
+
+def test_an_adopted_backend_that_dies_is_reported_honestly(modeld: Modeld) -> None:
+    sb = modeld.sandbox
+    modeld.load("a")
+    sb.systemctl("restart", "modeld.service")
+    unit = modeld.prop("a", "Unit")
+    sb.exec("kill", "-9", str(modeld.prop("a", "MainPID")))
+    modeld.wait_state("a", {"failed"})
+    assert "status unknown: it was started by an earlier modeld" in modeld.prop("a", "LastError")
+    assert unit not in modeld.scopes()
+    assert modeld.backend_processes() == []
 
 
 def test_without_socket_activation_modeld_binds_its_own_socket(

@@ -32,7 +32,8 @@ from modeld.errors import LoadFailed, ModeldError, SystemdError
 from modeld.naming import SLICE, backend_socket, scope_name
 from modeld.supervisor.backend_client import BackendClient, build_model_options
 from modeld.supervisor.environment import backend_environment, credentials_for
-from modeld.supervisor.spawn import ExitStatus, GatedProcess
+from modeld.supervisor.records import BackendRecord, RecordStore
+from modeld.supervisor.spawn import AdoptedProcess, ExitStatus, GatedProcess, WatchedProcess
 from modeld.system import journal
 from modeld.system.cgroup import CgroupLayout, OomWatch
 from modeld.system.inotify import DirectoryWatch
@@ -42,6 +43,7 @@ from modeld.units import format_size
 log = logging.getLogger(__name__)
 
 FREE_TIMEOUT = 1.0
+ADOPT_HEALTH_TIMEOUT = 5.0
 _EXIT_GRACE = 0.5
 
 
@@ -85,6 +87,8 @@ class OwnerContext:
     default_user: str | None
     sockets: DirectoryWatch
     """The watch on ``runtime_dir/backends`` that sees backend sockets appear."""
+    records: RecordStore
+    """Where ready backends are recorded for re-adoption after a restart."""
     restart: Callable[[str], None] = lambda _name: None
     """Asks the supervisor to load a model again (``restart = "on-failure"``)."""
 
@@ -100,7 +104,7 @@ class _Backend:
     unit: str
     socket: Path
     started_us: int
-    process: GatedProcess | None = None
+    process: WatchedProcess | None = None
     client: BackendClient | None = None
     oom: OomWatch | None = None
     scope_started: bool = False
@@ -172,7 +176,13 @@ class _Reconfigure:
     config: ModelConfig
 
 
-_Message = _Load | _Unload | _Exited | _LoadDone | _SetPinned | _Lease | _Reconfigure
+@dataclass
+class _Adopt:
+    record: BackendRecord
+    done: asyncio.Future[bool]
+
+
+_Message = _Load | _Unload | _Exited | _LoadDone | _SetPinned | _Lease | _Reconfigure | _Adopt
 
 
 def _now_us() -> int:
@@ -237,6 +247,30 @@ class ModelOwner:
         """Use ``config`` from the next load on (a running backend keeps its settings)."""
         self._inbox.put_nowait(_Reconfigure(config))
 
+    async def adopt(self, record: BackendRecord) -> bool:
+        """Take over a backend an earlier modeld left running; False if it is not usable.
+
+        Must be the owner's first request. An unusable backend is stopped.
+        """
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._inbox.put_nowait(_Adopt(record, done))
+        return await done
+
+    async def detach(self) -> None:
+        """End the owner task and leave the backend running, for the next modeld to adopt."""
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        backend = self._backend
+        if backend is None:
+            return
+        if backend.process is not None:
+            backend.process.release()
+        if backend.oom is not None:
+            backend.oom.close()
+        if backend.client is not None:
+            await backend.client.close()
+
     async def close(self) -> None:
         """Stop the backend (reason ``shutdown``) and end the owner task."""
         done = await self.request_unload("shutdown", force=True)
@@ -274,6 +308,8 @@ class ModelOwner:
                 self._set(pinned=pinned)
             case _Lease(delta=delta):
                 await self._on_lease(delta)
+            case _Adopt():
+                message.done.set_result(await self._on_adopt(message.record))
             case _Reconfigure(config=config):
                 self.config = config
                 if not self.status.state.occupies_slot:
@@ -355,7 +391,7 @@ class ModelOwner:
             output_fd = journal.open_log_file(socket_dir / f"{backend.socket.stem}.log")
         backend.phase = "spawning"
         try:
-            backend.process = GatedProcess(
+            process = GatedProcess(
                 [str(definition.run), "--addr", backend.address],
                 env=backend_environment(self.name),
                 cwd=str(definition.directory),
@@ -365,11 +401,12 @@ class ModelOwner:
             )
         finally:
             os.close(output_fd)
-        self._set(main_pid=backend.process.pid)
+        backend.process = process
+        self._set(main_pid=process.pid)
         backend.phase = "creating its scope"
         await self._start_scope(backend)
         backend.phase = "opening the gate"
-        backend.process.open_gate()
+        process.open_gate()
         await self._watch_cgroup(backend)
         await self._guard_stall(backend, self._handshake(backend, options))
 
@@ -463,6 +500,7 @@ class ModelOwner:
             log.info("model %s: loaded in %s", self.name, backend.timings())
             state = ModelState.BUSY if self.status.in_flight else ModelState.READY
             self._set_state(state, load_count=self.status.load_count + 1, last_used_us=_now_us())
+            self._save_record(backend)
             self._resolve_waiters(None)
             self._observer.on_loaded(self.name)
             return
@@ -485,6 +523,60 @@ class ModelOwner:
                 waiter.set_result(None)
             else:
                 waiter.set_exception(error)
+
+    def _save_record(self, backend: _Backend) -> None:
+        assert backend.process is not None
+        self._context.records.save(
+            BackendRecord(
+                model=self.name,
+                unit=backend.unit,
+                generation=backend.generation,
+                pid=backend.process.pid,
+                socket=str(backend.socket),
+                started_us=backend.started_us,
+                load_count=self.status.load_count,
+            )
+        )
+
+    async def _on_adopt(self, record: BackendRecord) -> bool:
+        backend = _Backend(
+            generation=record.generation,
+            unit=record.unit,
+            socket=Path(record.socket),
+            started_us=record.started_us,
+            scope_started=True,
+        )
+        self._backend = backend
+        self._next_generation = max(self._next_generation, record.generation + 1)
+        self._set_state(
+            ModelState.LOADING,
+            unit=record.unit,
+            endpoint=backend.address,
+            main_pid=record.pid,
+            load_count=record.load_count,
+        )
+        backend.phase = "being re-adopted"
+        try:
+            backend.process = AdoptedProcess(
+                record.pid, lambda status: self._on_process_exit(backend, status)
+            )
+            await self._context.systemd.ref_unit(record.unit)
+            await self._watch_cgroup(backend)
+            backend.client = BackendClient(backend.address)
+            await backend.client.health(timeout=ADOPT_HEALTH_TIMEOUT)
+        except Exception as err:  # any failure: the backend is not usable, stop it
+            log.warning(
+                "model %s: cannot re-adopt %s (%s); stopping it", self.name, record.unit, err
+            )
+            await self._teardown(backend)
+            self._backend = None
+            self._set_state(ModelState.UNLOADING)
+            self._set_state(ModelState.UNLOADED)
+            return False
+        log.info("model %s: re-adopted %s (pid %d)", self.name, record.unit, record.pid)
+        self._set_state(ModelState.READY, last_used_us=_now_us())
+        self._observer.on_loaded(self.name)
+        return True
 
     # ---------------------------------------------------------------- crash and fail
 
@@ -588,6 +680,7 @@ class ModelOwner:
             await backend.client.close()
         with contextlib.suppress(FileNotFoundError):
             backend.socket.unlink()
+        self._context.records.remove(backend.unit)
         self._set(unit="", control_group="", main_pid=0, endpoint="", in_flight=0)
         return result
 

@@ -22,6 +22,7 @@ from modeld.discovery import BackendIndex, discover_backends, effective_backend_
 from modeld.errors import InsufficientResources, ModeldError, NoSuchModel, SystemdError
 from modeld.naming import SLICE, UNIT_PREFIX, parse_scope_name, unit_escape
 from modeld.supervisor.owner import ModelOwner, ModelStatus, OwnerContext, OwnerObserver
+from modeld.supervisor.records import RecordStore
 from modeld.system.cgroup import CgroupLayout
 from modeld.system.inotify import DirectoryWatch
 from modeld.system.systemd import Systemd
@@ -75,10 +76,12 @@ class Supervisor:
         backends_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(backends_dir, 0o1733)
         self._sockets = DirectoryWatch(backends_dir)
-        await self._collect_leftover_scopes()
+        self._records = RecordStore(self.config.daemon.runtime_dir / "state")
         await self._apply_memory_budget()
+        await self._adopt_or_collect()
         for model in self.config.models.values():
-            self._add_owner(model)
+            if model.name not in self._owners:
+                self._add_owner(model)
 
     async def _apply_memory_budget(self) -> None:
         """The budget for all backends together is also the limit of modeld.slice."""
@@ -87,16 +90,38 @@ class Supervisor:
         except SystemdError as err:
             log.warning("%s; the budget is not enforced by the kernel", err)
 
-    async def _collect_leftover_scopes(self) -> None:
-        for unit, _state in await self._systemd.list_units([f"{UNIT_PREFIX}*.scope"]):
+    async def _adopt_or_collect(self) -> None:
+        """Re-adopt the backends an earlier modeld left running; stop the rest of its scopes.
+
+        A scope is adopted when its record matches it, its model is still configured, its
+        process is still in it and answers Health; anything else is stopped.
+        """
+        records = self._records.load_all()
+        for unit, state in await self._systemd.list_units([f"{UNIT_PREFIX}*.scope"]):
             parsed = parse_scope_name(unit)
             if parsed is None:
                 continue
             escaped, generation = parsed
             self._generations[escaped] = max(self._generations.get(escaped, 0), generation)
-            log.warning("stopping %s left behind by an earlier modeld", unit)
-            await self._systemd.stop_unit(unit)
-            await self._systemd.unref_unit(unit)
+            record = records.pop(unit, None)
+            model = self.config.models.get(record.model) if record else None
+            if (
+                record is not None
+                and model is not None
+                and model.name not in self._owners
+                and state == "active"
+                and record.pid in await self._systemd.unit_pids(unit)
+            ):
+                owner = self._add_owner(model)
+                if await owner.adopt(record):
+                    continue
+            else:
+                log.warning("stopping %s left behind by an earlier modeld", unit)
+                await self._systemd.stop_unit(unit)
+                await self._systemd.unref_unit(unit)
+            self._records.remove(unit)
+        for unit in records:
+            self._records.remove(unit)
 
     def _add_owner(self, model: ModelConfig) -> ModelOwner:
         context = OwnerContext(
@@ -108,6 +133,7 @@ class Supervisor:
             resolve_backend=self.backends.resolve,
             default_user=self._default_user,
             sockets=self._sockets,
+            records=self._records,
             restart=self._restart,
         )
         owner = ModelOwner(
@@ -122,6 +148,13 @@ class Supervisor:
     async def shutdown(self) -> None:
         """Stop every backend (reason ``shutdown``) and end the owners."""
         await asyncio.gather(*(owner.close() for owner in self._owners.values()))
+        for task in list(self._tasks):
+            task.cancel()
+        self._sockets.close()
+
+    async def detach(self) -> None:
+        """End the owners but leave every backend running (modeld is being restarted)."""
+        await asyncio.gather(*(owner.detach() for owner in self._owners.values()))
         for task in list(self._tasks):
             task.cancel()
         self._sockets.close()

@@ -39,7 +39,12 @@ class ExitStatus:
             except ValueError:
                 name = str(self.signal)
             return f"killed by {name}"
+        if self.code is None:
+            return "exited (status unknown: it was started by an earlier modeld)"
         return f"exited with status {self.code}"
+
+
+UNKNOWN_EXIT = ExitStatus(code=None, signal=None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,8 +53,59 @@ class Credentials:
     gid: int
 
 
-class GatedProcess:
-    """A spawned, still gated backend. Exit is reported once through ``on_exit``."""
+class WatchedProcess:
+    """A backend process watched through a pidfd: no PID-reuse race, no polling.
+
+    Exit is reported once through ``on_exit``.
+    """
+
+    def __init__(self, pid: int, on_exit: Callable[[ExitStatus], None]) -> None:
+        self.pid = pid
+        self.exit_status: ExitStatus | None = None
+        self._on_exit = on_exit
+        self._pidfd = os.pidfd_open(pid)
+        asyncio.get_running_loop().add_reader(self._pidfd, self._on_pidfd)
+
+    def _on_pidfd(self) -> None:
+        status = self._collect()
+        if status is None:
+            return
+        self._stop_watching()
+        self.exit_status = status
+        self._on_exit(status)
+
+    def _collect(self) -> ExitStatus | None:
+        """The exit status once the process has ended (None: not yet)."""
+        return UNKNOWN_EXIT
+
+    def _stop_watching(self) -> None:
+        if self._pidfd >= 0:
+            asyncio.get_running_loop().remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = -1
+
+    def kill(self) -> None:
+        """SIGKILL the process if it has not ended yet."""
+        if self._pidfd >= 0:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+
+    def close(self) -> None:
+        """Stop caring about the process: kill it if it still runs (its end is still reported)."""
+        if self.exit_status is None and self._pidfd >= 0:
+            self.kill()
+
+    def release(self) -> None:
+        """Stop watching and leave the process running (modeld restarts; it re-adopts it)."""
+        self._stop_watching()
+
+
+class AdoptedProcess(WatchedProcess):
+    """A backend started by an earlier modeld: not our child, so its exit status is lost."""
+
+
+class GatedProcess(WatchedProcess):
+    """A spawned backend that waits at its gate until :meth:`open_gate`."""
 
     def __init__(
         self,
@@ -81,11 +137,7 @@ class GatedProcess:
             raise
         finally:
             os.close(gate_read)
-        self.pid = self._popen.pid
-        self._on_exit = on_exit
-        self.exit_status: ExitStatus | None = None
-        self._pidfd = os.pidfd_open(self.pid)
-        asyncio.get_running_loop().add_reader(self._pidfd, self._on_pidfd)
+        super().__init__(self._popen.pid, on_exit)
 
     def open_gate(self) -> None:
         """Let the backend exec; call only once it is inside its scope."""
@@ -97,33 +149,20 @@ class GatedProcess:
             os.close(self._gate_write)
             self._gate_write = -1
 
-    def _on_pidfd(self) -> None:
+    def _collect(self) -> ExitStatus | None:
         try:
             pid, status = os.waitpid(self.pid, os.WNOHANG)
         except ChildProcessError:
-            pid, status = self.pid, 0
+            return UNKNOWN_EXIT
         if pid == 0:
-            return
-        self._stop_watching()
+            return None
         self._popen.returncode = os.waitstatus_to_exitcode(status)
-        self.exit_status = ExitStatus.from_wait_status(status)
-        self._on_exit(self.exit_status)
+        return ExitStatus.from_wait_status(status)
 
     def _stop_watching(self) -> None:
-        if self._pidfd >= 0:
-            asyncio.get_running_loop().remove_reader(self._pidfd)
-            os.close(self._pidfd)
-            self._pidfd = -1
+        super()._stop_watching()
         self._close_gate()
-
-    def kill(self) -> None:
-        """SIGKILL the process if it has not been reaped yet (pidfd: no PID reuse race)."""
-        if self._pidfd >= 0:
-            with contextlib.suppress(ProcessLookupError):
-                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
 
     def close(self) -> None:
-        """Drop the gate and stop watching (after exit, or when abandoning the process)."""
         self._close_gate()
-        if self.exit_status is None and self._pidfd >= 0:
-            self.kill()
+        super().close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -169,6 +170,50 @@ class Systemd:
             await self._manager("UnrefUnit", "s", [unit])
         except DBusError as err:
             log.debug("UnrefUnit %s: %s", unit, err.text)
+
+    async def ref_unit(self, unit: str) -> None:
+        """Take a reference on ``unit`` (as AddRef does at creation) after a restart."""
+        await self._manager("RefUnit", "s", [unit])
+
+    async def unit_pids(self, unit: str) -> list[int]:
+        """PIDs of the processes in ``unit``; empty when it is gone."""
+        try:
+            (processes,) = await self._manager("GetUnitProcesses", "s", [unit])
+        except DBusError:
+            return []
+        return [int(entry[1]) for entry in processes]
+
+    async def own_job_type(self) -> str:
+        """The type of the job systemd runs on this process's unit ("restart", "stop"...).
+
+        Empty when there is none or modeld does not run under systemd.
+        """
+        try:
+            (unit_path,) = await self._manager("GetUnitByPID", "u", [os.getpid()])
+            (job,) = await call(
+                self._bus,
+                SYSTEMD,
+                unit_path,
+                "org.freedesktop.DBus.Properties",
+                "Get",
+                "ss",
+                ["org.freedesktop.systemd1.Unit", "Job"],
+            )
+            job_id, job_path = job.value
+            if not job_id:
+                return ""
+            (job_type,) = await call(
+                self._bus,
+                SYSTEMD,
+                job_path,
+                "org.freedesktop.DBus.Properties",
+                "Get",
+                "ss",
+                ["org.freedesktop.systemd1.Job", "JobType"],
+            )
+        except DBusError:
+            return ""
+        return str(job_type.value)
 
     async def unit_property(self, unit: str, interface: str, name: str) -> Any:
         """Read one property of a loaded unit; None when the unit is not loaded."""
