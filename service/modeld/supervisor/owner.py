@@ -120,6 +120,11 @@ class _Backend:
         return f"unix:{self.socket}"
 
     @property
+    def log_file(self) -> Path:
+        """Where the backend's output goes when journald is not reachable."""
+        return self.socket.with_suffix(".log")
+
+    @property
     def phase(self) -> str:
         """What the load is doing now, in words ("waiting for Health")."""
         return self.phases[-1][0]
@@ -383,12 +388,11 @@ class ModelOwner:
             raise LoadFailed(f"backend '{config.backend}' of model {self.name} is not installed")
         options = build_model_options(config.model, config.options)
         credentials = credentials_for(config.user or self._context.default_user)
-        socket_dir = backend.socket.parent
         with contextlib.suppress(FileNotFoundError):
             backend.socket.unlink()
         output_fd = journal.open_journal_stream(self.name)
         if output_fd is None:
-            output_fd = journal.open_log_file(socket_dir / f"{backend.socket.stem}.log")
+            output_fd = journal.open_log_file(backend.log_file)
         backend.phase = "spawning"
         try:
             process = GatedProcess(
@@ -620,7 +624,7 @@ class ModelOwner:
                 summary += f" while {backend.phase}"
         tail = await journal.journal_tail(self.name, backend.started_us)
         if not tail:
-            tail = journal.file_tail(backend.socket.parent / f"{backend.socket.stem}.log")
+            tail = journal.file_tail(backend.log_file)
         last_error = summary + ("\n" + "\n".join(tail) if tail else "")
         log.warning("model %s: %s", self.name, summary)
         self._backend = None

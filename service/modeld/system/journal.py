@@ -15,6 +15,7 @@ from pathlib import Path
 JOURNAL_STDOUT = Path("/run/systemd/journal/stdout")
 TAIL_LINES = 12
 _TAIL_TIMEOUT = 3.0
+_CONNECT_TIMEOUT = 1.0
 
 
 def open_journal_stream(identifier: str, *, socket_path: Path = JOURNAL_STDOUT) -> int | None:
@@ -23,6 +24,7 @@ def open_journal_stream(identifier: str, *, socket_path: Path = JOURNAL_STDOUT) 
     None when journald is not reachable; the caller falls back to a log file.
     """
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(_CONNECT_TIMEOUT)
     try:
         sock.connect(str(socket_path))
         sock.shutdown(socket.SHUT_RD)
@@ -31,6 +33,7 @@ def open_journal_stream(identifier: str, *, socket_path: Path = JOURNAL_STDOUT) 
     except OSError:
         sock.close()
         return None
+    sock.settimeout(None)
     return sock.detach()
 
 
