@@ -113,8 +113,10 @@ class Daemon:
         if user is None:
             log.warning("backend user 'modeld' does not exist: backends run as modeld's own user")
         from modeld.supervisor.registry import Supervisor
+        from modeld.system.gpu import open_gpu_probe
 
-        supervisor = Supervisor(self._config, systemd, self, default_user=user)
+        gpu = await open_gpu_probe(log=log)
+        supervisor = Supervisor(self._config, systemd, self, default_user=user, gpu=gpu)
         self._supervisor = supervisor
         await supervisor.start()
         for problem in supervisor.backends.problems:
@@ -167,6 +169,7 @@ class Daemon:
         else:
             log.info("stopping: stopping all backends")
             await supervisor.shutdown()
+        await gpu.close()
         for task in list(self._tasks):
             task.cancel()
         with contextlib.suppress(Exception):

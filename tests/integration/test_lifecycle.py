@@ -92,7 +92,7 @@ def test_max_loaded_is_writable_and_pinned_models_are_not_evicted(modeld: Modeld
     assert modeld.prop("a", "Pinned") is True
     proc = modeld.load("b", check=False)
     assert proc.returncode != 0
-    assert "max_loaded=1 reached" in proc.stderr and "a (pinned)" in proc.stderr
+    assert "max_loaded=1 reached" in proc.stderr and "pinned (a)" in proc.stderr
     assert modeld.prop("a", "State") == "ready"
     assert modeld.prop("b", "State") == "unloaded"
     bad = sb.busctl(

@@ -96,10 +96,23 @@ class Modeld:
 
     def http_get(self, path: str, timeout: float = 20.0) -> tuple[int, Any]:
         """GET over the unix socket; returns (status, decoded JSON body)."""
+        return self.http("GET", path, timeout=timeout)
+
+    def http_post(self, path: str, body: Any, timeout: float = 60.0) -> tuple[int, Any]:
+        """POST JSON over the unix socket; returns (status, decoded JSON body)."""
+        return self.http("POST", path, json.dumps(body).encode(), timeout=timeout)
+
+    def http(
+        self, method: str, path: str, payload: bytes = b"", timeout: float = 20.0
+    ) -> tuple[int, Any]:
+        request = (
+            f"{method} {path} HTTP/1.0\r\nHost: modeld\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(payload)}\r\n\r\n"
+        ).encode() + payload
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(timeout)
             sock.connect(str(self.api_socket))
-            sock.sendall(f"GET {path} HTTP/1.0\r\nHost: modeld\r\n\r\n".encode())
+            sock.sendall(request)
             data = b""
             while chunk := sock.recv(65536):
                 data += chunk

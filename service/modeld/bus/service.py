@@ -66,6 +66,8 @@ _STATUS_TO_PROPERTY = {
     "pinned": "Pinned",
     "last_error": "LastError",
     "load_count": "LoadCount",
+    "gpu": "Gpu",
+    "gpu_memory": "GpuMemory",
 }
 
 
@@ -125,9 +127,9 @@ class _Requests:
     async def load(self, name: str, options: dict[str, Variant]) -> str:
         opts = _Options(options, ("wait", "force"))
         wait = opts.flag("wait")
-        opts.flag("force")
+        force = opts.flag("force")
         await self.authorizer.check("load " + name)
-        done = await self.supervisor.load(name)
+        done = await self.supervisor.load(name, force=force)
         if wait:
             await done
         else:
@@ -196,11 +198,11 @@ class ModelInterface(ServiceInterface):
 
     @dbus_property(access=PropertyAccess.READ)
     def GpuMemory(self) -> UINT64:
-        return 0
+        return self._status().gpu_memory
 
     @dbus_property(access=PropertyAccess.READ)
     def Gpu(self) -> STRING:
-        return ""
+        return self._status().gpu
 
     @dbus_property(access=PropertyAccess.READ)
     def LastUsed(self) -> UINT64:

@@ -26,7 +26,9 @@ class ModelState(StrEnum):
 ALLOWED_TRANSITIONS: dict[ModelState, frozenset[ModelState]] = {
     ModelState.UNLOADED: frozenset({ModelState.LOADING}),
     ModelState.FAILED: frozenset({ModelState.LOADING, ModelState.UNLOADED}),
-    ModelState.LOADING: frozenset({ModelState.READY, ModelState.UNLOADING, ModelState.FAILED}),
+    ModelState.LOADING: frozenset(
+        {ModelState.READY, ModelState.BUSY, ModelState.UNLOADING, ModelState.FAILED}
+    ),
     ModelState.READY: frozenset({ModelState.BUSY, ModelState.UNLOADING, ModelState.FAILED}),
     ModelState.BUSY: frozenset({ModelState.READY, ModelState.UNLOADING, ModelState.FAILED}),
     ModelState.UNLOADING: frozenset({ModelState.UNLOADED, ModelState.FAILED}),

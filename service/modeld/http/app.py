@@ -1,4 +1,4 @@
-"""HTTP routes: health and the model list (inference routes come with the front door)."""
+"""HTTP routes: health, the model list and completions (more routes come with the front door)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from aiohttp import web
 
 from modeld import __version__
+from modeld.http.completions import completions
 from modeld.supervisor.registry import Supervisor
 
 SUPERVISOR: web.AppKey[Supervisor] = web.AppKey("supervisor", Supervisor)
@@ -35,11 +36,16 @@ async def list_models(request: web.Request) -> web.Response:
     return web.json_response({"object": "list", "data": data})
 
 
+async def complete(request: web.Request) -> web.Response:
+    return await completions(request, request.app[SUPERVISOR])
+
+
 def build_app(supervisor: Supervisor) -> web.Application:
     app = web.Application()
     app[SUPERVISOR] = supervisor
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/v1/models", list_models)
+    app.router.add_post("/v1/completions", complete)
     return app
 
 

@@ -19,12 +19,14 @@ _PASSED_THROUGH = ("PYTHONPATH", "LANG", "LC_ALL", "TZ", "LD_LIBRARY_PATH")
 
 
 def backend_environment(
-    model_name: str, inherited: Mapping[str, str] = os.environ
+    model_name: str, inherited: Mapping[str, str] = os.environ, *, gpu: str = ""
 ) -> dict[str, str]:
     """A clean environment: never modeld's NOTIFY_SOCKET, LISTEN_* or WATCHDOG_*.
 
     ``MODELD_PYTHON`` and the first PATH entry point at modeld's own interpreter, so Python
     backends shipped with modeld run in modeld's environment (a venv or a distro install).
+    ``gpu``, the device UUID a model was placed on, becomes CUDA_VISIBLE_DEVICES; models
+    without ``gpu_memory`` are not placed and see the host's devices as usual.
     """
     interpreter_dir = os.path.dirname(sys.executable)
     env = {
@@ -35,6 +37,8 @@ def backend_environment(
         "LANG": "C.UTF-8",
         "PYTHONUNBUFFERED": "1",
     }
+    if gpu:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
     for key in _PASSED_THROUGH:
         if key in inherited:
             env[key] = inherited[key]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import signal
@@ -62,6 +63,8 @@ class ModelStatus:
     pinned: bool = False
     last_error: str = ""
     load_count: int = 0
+    gpu: str = ""
+    gpu_memory: int = 0
 
 
 class OwnerObserver(Protocol):
@@ -145,6 +148,7 @@ class _Backend:
 @dataclass
 class _Load:
     after: tuple[Awaitable[object], ...]
+    gpu: str
     accepted: asyncio.Future[asyncio.Future[None]]
 
 
@@ -172,8 +176,27 @@ class _SetPinned:
 
 
 @dataclass
-class _Lease:
-    delta: int
+class _RequestStarted:
+    request: int
+    at: float
+
+
+@dataclass
+class _RequestEnded:
+    request: int
+
+
+@dataclass
+class _Timeout:
+    """An idle or busy timer of backend ``generation`` ran out."""
+
+    kind: str
+    generation: int
+
+
+@dataclass
+class _GpuUsage:
+    used: int
 
 
 @dataclass
@@ -187,7 +210,20 @@ class _Adopt:
     done: asyncio.Future[bool]
 
 
-_Message = _Load | _Unload | _Exited | _LoadDone | _SetPinned | _Lease | _Reconfigure | _Adopt
+_Message = (
+    _Load
+    | _Unload
+    | _Exited
+    | _LoadDone
+    | _SetPinned
+    | _RequestStarted
+    | _RequestEnded
+    | _Timeout
+    | _GpuUsage
+    | _Reconfigure
+    | _Adopt
+)
+_request_ids = itertools.count(1)
 
 
 def _now_us() -> int:
@@ -216,6 +252,8 @@ class ModelOwner:
         self._load_waiters: list[asyncio.Future[None]] = []
         self._deferred_unloads: list[tuple[_Unload, asyncio.Future[None]]] = []
         self._restart_timer: asyncio.TimerHandle | None = None
+        self._requests: dict[int, float] = {}
+        self._timers: dict[str, asyncio.TimerHandle] = {}
         self._failures_in_a_row = 0
         self._task = asyncio.create_task(self._run(), name=f"owner:{config.name}")
 
@@ -225,14 +263,17 @@ class ModelOwner:
 
     # ----------------------------------------------------------------- thin clients
 
-    async def request_load(self, after: Sequence[Awaitable[object]] = ()) -> asyncio.Future[None]:
+    async def request_load(
+        self, after: Sequence[Awaitable[object]] = (), gpu: str = ""
+    ) -> asyncio.Future[None]:
         """Ask for a load; returns once accepted, with a future for its completion.
 
         A model that is loading or ready is not started again: the caller joins the load.
-        ``after`` are awaited before a new backend starts (evictions making room).
+        ``after`` are awaited before a new backend starts (evictions making room); ``gpu``
+        is the device it gets (CUDA_VISIBLE_DEVICES), "" for none.
         """
         accepted: asyncio.Future[asyncio.Future[None]] = asyncio.get_running_loop().create_future()
-        self._inbox.put_nowait(_Load(tuple(after), accepted))
+        self._inbox.put_nowait(_Load(tuple(after), gpu, accepted))
         return await accepted
 
     async def request_unload(self, reason: str, *, force: bool = False) -> asyncio.Future[None]:
@@ -244,9 +285,30 @@ class ModelOwner:
     def set_pinned(self, pinned: bool) -> None:
         self._inbox.put_nowait(_SetPinned(pinned))
 
-    def lease_changed(self, delta: int) -> None:
-        """An in-flight request or lease began (+1) or ended (-1)."""
-        self._inbox.put_nowait(_Lease(delta))
+    def begin_request(self) -> int:
+        """Count a request (or lease) as in flight from now on; returns its id."""
+        request = next(_request_ids)
+        self._inbox.put_nowait(_RequestStarted(request, time.monotonic()))
+        return request
+
+    def end_request(self, request: int) -> None:
+        self._inbox.put_nowait(_RequestEnded(request))
+
+    def report_gpu_memory(self, used: int) -> None:
+        """The backend's measured GPU memory (from NVML, attributed through its cgroup)."""
+        self._inbox.put_nowait(_GpuUsage(used))
+
+    @property
+    def client(self) -> BackendClient | None:
+        """The gRPC client of the serving backend (None when not serving).
+
+        Requests use it only after :meth:`begin_request`, so the backend is not evicted
+        under them; a backend that crashes meanwhile makes their RPC fail.
+        """
+        backend = self._backend
+        if backend is None or not self.status.state.serving:
+            return None
+        return backend.client
 
     def reconfigure(self, config: ModelConfig) -> None:
         """Use ``config`` from the next load on (a running backend keeps its settings)."""
@@ -311,8 +373,15 @@ class ModelOwner:
                 await self._on_load_done(message)
             case _SetPinned(pinned=pinned):
                 self._set(pinned=pinned)
-            case _Lease(delta=delta):
-                await self._on_lease(delta)
+                self._arm_timers()
+            case _RequestStarted(request=request, at=at):
+                await self._on_request_started(request, at)
+            case _RequestEnded(request=request):
+                await self._on_request_ended(request)
+            case _Timeout():
+                await self._on_timeout(message)
+            case _GpuUsage(used=used):
+                self._set(gpu_memory=used)
             case _Adopt():
                 message.done.set_result(await self._on_adopt(message.record))
             case _Reconfigure(config=config):
@@ -348,10 +417,10 @@ class ModelOwner:
             self._load_waiters.append(done)
         else:
             self._load_waiters.append(done)
-            self._start_load(message.after)
+            self._start_load(message.after, message.gpu)
         message.accepted.set_result(done)
 
-    def _start_load(self, after: Sequence[Awaitable[object]]) -> None:
+    def _start_load(self, after: Sequence[Awaitable[object]], gpu: str) -> None:
         generation = self._next_generation
         self._next_generation += 1
         backend = _Backend(
@@ -367,6 +436,7 @@ class ModelOwner:
             endpoint=backend.address,
             last_error="",
             memory_max=self.config.memory_max,
+            gpu=gpu,
         )
         self._load_task = asyncio.create_task(
             self._load_procedure(backend, after), name=f"load:{self.name}"
@@ -397,7 +467,7 @@ class ModelOwner:
         try:
             process = GatedProcess(
                 [str(definition.run), "--addr", backend.address],
-                env=backend_environment(self.name),
+                env=backend_environment(self.name, gpu=self.status.gpu),
                 cwd=str(definition.directory),
                 output_fd=output_fd,
                 credentials=credentials,
@@ -505,6 +575,7 @@ class ModelOwner:
             state = ModelState.BUSY if self.status.in_flight else ModelState.READY
             self._set_state(state, load_count=self.status.load_count + 1, last_used_us=_now_us())
             self._save_record(backend)
+            self._arm_timers()
             self._resolve_waiters(None)
             self._observer.on_loaded(self.name)
             return
@@ -579,6 +650,7 @@ class ModelOwner:
             return False
         log.info("model %s: re-adopted %s (pid %d)", self.name, record.unit, record.pid)
         self._set_state(ModelState.READY, last_used_us=_now_us())
+        self._arm_timers()
         self._observer.on_loaded(self.name)
         return True
 
@@ -628,7 +700,7 @@ class ModelOwner:
         last_error = summary + ("\n" + "\n".join(tail) if tail else "")
         log.warning("model %s: %s", self.name, summary)
         self._backend = None
-        self._set_state(ModelState.FAILED, last_error=last_error, in_flight=0)
+        self._set_state(ModelState.FAILED, last_error=last_error)
         detail = f"; last output: {tail[-1]}" if tail else ""
         self._resolve_waiters(LoadFailed(f"{self.name}: {summary}{detail}"))
         self._observer.on_unloaded(self.name, reason)
@@ -685,7 +757,13 @@ class ModelOwner:
         with contextlib.suppress(FileNotFoundError):
             backend.socket.unlink()
         self._context.records.remove(backend.unit)
-        self._set(unit="", control_group="", main_pid=0, endpoint="", in_flight=0)
+        self._requests.clear()
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+        self._set(
+            unit="", control_group="", main_pid=0, endpoint="", in_flight=0, gpu="", gpu_memory=0
+        )
         return result
 
     # ----------------------------------------------------------------------- unload
@@ -710,12 +788,17 @@ class ModelOwner:
         await self._unload_now(backend, message.reason)
         done.set_result(None)
 
-    async def _unload_now(self, backend: _Backend, reason: str) -> None:
+    async def _unload_now(self, backend: _Backend, reason: str, *, kill: bool = False) -> None:
+        """Stop ``backend``: Free (best effort) then stop its scope; ``kill`` skips Free and
+        SIGKILLs the whole scope first (a hung backend)."""
         was_loading = self.status.state is ModelState.LOADING
         self._set_state(ModelState.UNLOADING)
         if was_loading:
             await self._cancel_load()
             self._resolve_waiters(LoadFailed(f"{self.name}: load cancelled ({reason} unload)"))
+        elif kill:
+            backend.stopping = True
+            await self._context.systemd.kill_unit(backend.unit, signal.SIGKILL)
         elif backend.client is not None and backend.crash_status is None:
             await backend.client.free(FREE_TIMEOUT)
         await self._teardown(backend)
@@ -727,14 +810,68 @@ class ModelOwner:
                 done.set_result(None)
         self._deferred_unloads.clear()
 
-    async def _on_lease(self, delta: int) -> None:
-        in_flight = max(0, self.status.in_flight + delta)
+    # -------------------------------------------------- requests, idle and busy timers
+
+    async def _on_request_started(self, request: int, at: float) -> None:
+        self._requests[request] = at
+        await self._requests_changed()
+
+    async def _on_request_ended(self, request: int) -> None:
+        if self._requests.pop(request, None) is not None:
+            await self._requests_changed()
+
+    async def _requests_changed(self) -> None:
+        in_flight = len(self._requests)
         state = self.status.state
         self._set(in_flight=in_flight, last_used_us=_now_us())
         if state is ModelState.READY and in_flight > 0:
             self._set_state(ModelState.BUSY)
         elif state is ModelState.BUSY and in_flight == 0:
             self._set_state(ModelState.READY)
+        self._arm_timers()
         if in_flight == 0 and self._deferred_unloads and self._backend is not None:
             unload, _ = self._deferred_unloads[0]
             await self._unload_now(self._backend, unload.reason)
+
+    def _arm_timers(self) -> None:
+        """(Re)arm the idle timer (ready, nothing in flight, not pinned) and the busy timer
+        (runs from the oldest request in flight)."""
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+        backend = self._backend
+        if backend is None or not self.status.state.serving:
+            return
+        loop = asyncio.get_running_loop()
+        idle, busy = self.config.idle_timeout, self.config.busy_timeout
+        if not self._requests and idle > 0 and not self.status.pinned:
+            message = _Timeout("idle", backend.generation)
+            self._timers["idle"] = loop.call_later(idle, self._inbox.put_nowait, message)
+        if self._requests and busy > 0:
+            oldest = min(self._requests.values())
+            delay = max(0.0, oldest + busy - time.monotonic())
+            message = _Timeout("busy", backend.generation)
+            self._timers["busy"] = loop.call_later(delay, self._inbox.put_nowait, message)
+
+    async def _on_timeout(self, message: _Timeout) -> None:
+        backend = self._backend
+        if backend is None or backend.generation != message.generation:
+            return
+        if message.kind == "idle":
+            idle = self.status.state is ModelState.READY and not self._requests
+            if idle and not self.status.pinned:
+                log.info("model %s: idle for %gs", self.name, self.config.idle_timeout)
+                await self._unload_now(backend, "idle")
+            return
+        oldest = min(self._requests.values(), default=None)
+        busy_for = time.monotonic() - oldest if oldest is not None else 0.0
+        if oldest is None or busy_for < self.config.busy_timeout:
+            self._arm_timers()
+            return
+        log.warning(
+            "model %s: busy for %.0fs (busy_timeout %gs): killing its backend",
+            self.name,
+            busy_for,
+            self.config.busy_timeout,
+        )
+        await self._unload_now(backend, "busy-timeout", kill=True)

@@ -1,8 +1,7 @@
-"""The supervisor: one owner per configured model, and admission of loads.
+"""The supervisor: one owner per configured model; it routes requests to them.
 
-Admission is serialised: the policy sees a snapshot, and the plan it returns (evictions,
-then the load) is handed to the owners before the next admission takes its snapshot, so two
-concurrent loads can never both fit into the last slot.
+Loads go through :mod:`modeld.supervisor.admission` (the eviction engine); requests are
+counted in flight through the owners while they are served.
 """
 
 from __future__ import annotations
@@ -12,24 +11,25 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Iterable
 from dataclasses import dataclass
 
 from modeld.config import Config, ModelConfig
-from modeld.core.policy import Limits, ModelSnapshot, Plan, plan_load
+from modeld.core.eviction import Limits, decide_load
 from modeld.core.states import ModelState
 from modeld.discovery import BackendIndex, discover_backends, effective_backend_dirs
-from modeld.errors import InsufficientResources, ModeldError, NoSuchModel, SystemdError
+from modeld.errors import LoadFailed, ModeldError, NoSuchModel, SystemdError
 from modeld.naming import SLICE, UNIT_PREFIX, parse_scope_name, unit_escape
+from modeld.supervisor.admission import Admission, DecideFunction
+from modeld.supervisor.backend_client import BackendClient
 from modeld.supervisor.owner import ModelOwner, ModelStatus, OwnerContext, OwnerObserver
 from modeld.supervisor.records import RecordStore
 from modeld.system.cgroup import CgroupLayout
+from modeld.system.gpu import GpuProbe, NullProbe
 from modeld.system.inotify import DirectoryWatch
 from modeld.system.systemd import Systemd
 
 log = logging.getLogger(__name__)
-
-PlanFunction = Callable[[str, list[ModelSnapshot], Limits], Plan]
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,16 +51,18 @@ class Supervisor:
         *,
         cgroups: CgroupLayout | None = None,
         default_user: str | None = None,
-        plan: PlanFunction = plan_load,
+        gpu: GpuProbe | None = None,
+        decide: DecideFunction = decide_load,
     ) -> None:
         self.config = config
         self._systemd = systemd
         self._observer = observer
         self._cgroups = cgroups or CgroupLayout.detect()
         self._default_user = default_user
-        self._plan = plan
-        self._admission = asyncio.Lock()
         self._owners: dict[str, ModelOwner] = {}
+        self.gpu = gpu or NullProbe()
+        self._admission = Admission(self._owners, self._cgroups, self.gpu, decide)
+        self._parallel: dict[str, tuple[int, asyncio.Semaphore]] = {}
         self._generations: dict[str, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.backends: BackendIndex = discover_backends(
@@ -139,7 +141,7 @@ class Supervisor:
         owner = ModelOwner(
             model,
             context,
-            self._observer,
+            self,
             last_generation=self._generations.get(unit_escape(model.name), 0),
         )
         self._owners[model.name] = owner
@@ -211,33 +213,45 @@ class Supervisor:
             return 0
         return self._cgroups.memory_current(control_group) or 0
 
-    def _snapshot(self) -> list[ModelSnapshot]:
-        return [
-            ModelSnapshot(
-                name=o.name,
-                state=o.status.state,
-                last_used_us=o.status.last_used_us,
-                in_flight=o.status.in_flight,
-                pinned=o.status.pinned,
-            )
-            for o in self._owners.values()
-        ]
+    # ------------------------------------------------ OwnerObserver (fan-out)
+
+    def on_status_changed(self, model: str, changed: dict[str, object]) -> None:
+        if "state" in changed or "in_flight" in changed or "pinned" in changed:
+            self._admission.state_changed()
+        self._observer.on_status_changed(model, changed)
+
+    def on_loaded(self, model: str) -> None:
+        self._observer.on_loaded(model)
+        if self._owners[model].status.gpu:
+            self._spawn(self._admission.gpu_snapshot(), f"gpu-usage:{model}")
+
+    def on_unloaded(self, model: str, reason: str) -> None:
+        self._observer.on_unloaded(model, reason)
+
+    def _spawn(self, work: Awaitable[object], name: str) -> None:
+        async def run() -> None:
+            await work
+
+        task = asyncio.create_task(run(), name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     # ------------------------------------------------------------------- requests
 
-    async def load(self, name: str) -> asyncio.Future[None]:
-        """Admit a load of ``name`` (evicting as the policy says); returns its completion."""
-        owner = self.owner(name)
-        async with self._admission:
-            plan = self._plan(name, self._snapshot(), Limits(max_loaded=self.max_loaded))
-            if plan.refusal is not None:
-                raise InsufficientResources(plan.refusal)
-            evictions = []
-            for eviction in plan.evict:
-                log.info("evicting %s (%s) to load %s", eviction.name, eviction.reason, name)
-                victim = self._owners[eviction.name]
-                evictions.append(await victim.request_unload(eviction.reason))
-            return await owner.request_load(after=evictions)
+    async def load(self, name: str, *, force: bool = False) -> asyncio.Future[None]:
+        """Admit a load of ``name`` (evicting as the engine says); returns its completion.
+
+        ``force`` lets it evict busy models; without it a load waits for them up to
+        ``eviction_retries * eviction_retry_interval``, then fails with Busy.
+        """
+        daemon = self.config.daemon
+        limits = Limits(
+            max_loaded=self.max_loaded,
+            memory_budget=daemon.memory_budget,
+            force_busy=force or daemon.force_eviction_when_busy,
+        )
+        patience = daemon.eviction_retries * daemon.eviction_retry_interval
+        return await self._admission.admit(self.owner(name), limits, patience)
 
     def _restart(self, name: str) -> None:
         """Load ``name`` again after a crash, through admission like any other load."""
@@ -248,9 +262,7 @@ class Supervisor:
             except ModeldError as err:
                 log.warning("restarting %s failed: %s", name, err)
 
-        task = asyncio.create_task(restart(), name=f"restart:{name}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._spawn(restart(), f"restart:{name}")
 
     async def unload(self, name: str, *, force: bool = False) -> asyncio.Future[None]:
         return await self.owner(name).request_unload("requested", force=force)
@@ -258,13 +270,45 @@ class Supervisor:
     def set_pinned(self, name: str, pinned: bool) -> None:
         self.owner(name).set_pinned(pinned)
 
+    def _semaphore(self, owner: ModelOwner) -> asyncio.Semaphore:
+        """At most ``parallel`` requests reach a backend at once; more wait here."""
+        parallel = owner.config.parallel
+        current = self._parallel.get(owner.name)
+        if current is None or current[0] != parallel:
+            current = (parallel, asyncio.Semaphore(parallel))
+            self._parallel[owner.name] = current
+        return current[1]
+
+    @contextlib.asynccontextmanager
+    async def serving(self, name: str) -> AsyncIterator[BackendClient]:
+        """Serve one request: load ``name`` if needed and count the request in flight.
+
+        The request counts from the moment it is accepted (so the model is not evicted
+        while the request waits for it) until the block ends.
+        """
+        owner = self.owner(name)
+        async with self._semaphore(owner):
+            request = owner.begin_request()
+            try:
+                await (await self.load(name))
+                client = owner.client
+                if client is None:
+                    raise LoadFailed(f"{name} went away before the request could be served")
+                yield client
+            finally:
+                owner.end_request(request)
+
     async def acquire(self, name: str) -> Lease:
         """Load ``name`` if needed and hand out a lease fd that keeps it in use."""
         owner = self.owner(name)
-        await (await self.load(name))
+        request = owner.begin_request()
+        try:
+            await (await self.load(name))
+        except BaseException:
+            owner.end_request(request)
+            raise
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         ours.setblocking(False)
-        owner.lease_changed(+1)
         loop = asyncio.get_running_loop()
 
         def on_released() -> None:
@@ -273,11 +317,10 @@ class Supervisor:
                     return
             loop.remove_reader(ours.fileno())
             ours.close()
-            owner.lease_changed(-1)
+            owner.end_request(request)
 
         loop.add_reader(ours.fileno(), on_released)
-        endpoint = owner.status.endpoint
-        return Lease(endpoint=endpoint, client_fd=theirs.detach())
+        return Lease(endpoint=owner.status.endpoint, client_fd=theirs.detach())
 
     def status_line(self) -> str:
         """One line for systemd's STATUS=: what is loaded."""
