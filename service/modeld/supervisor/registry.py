@@ -23,10 +23,12 @@ from modeld.naming import SLICE, UNIT_PREFIX, parse_scope_name, unit_escape
 from modeld.supervisor.admission import Admission, DecideFunction
 from modeld.supervisor.backend_client import BackendClient
 from modeld.supervisor.owner import ModelOwner, ModelStatus, OwnerContext, OwnerObserver
+from modeld.supervisor.pressure_relief import PressureRelief
 from modeld.supervisor.records import RecordStore
 from modeld.system.cgroup import CgroupLayout
 from modeld.system.gpu import GpuProbe, NullProbe
 from modeld.system.inotify import DirectoryWatch
+from modeld.system.pressure import pressure_file
 from modeld.system.systemd import Systemd
 
 log = logging.getLogger(__name__)
@@ -63,6 +65,7 @@ class Supervisor:
         self.gpu = gpu or NullProbe()
         self._admission = Admission(self._owners, self._cgroups, self.gpu, decide)
         self._parallel: dict[str, tuple[int, asyncio.Semaphore]] = {}
+        self.pressure: PressureRelief | None = None
         self._generations: dict[str, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.backends: BackendIndex = discover_backends(
@@ -84,6 +87,17 @@ class Supervisor:
         for model in self.config.models.values():
             if model.name not in self._owners:
                 self._add_owner(model)
+        self._start_pressure_relief()
+
+    def _start_pressure_relief(self) -> None:
+        path = pressure_file("/" + SLICE)
+        if path is None:
+            log.info("no PSI memory pressure file: pressure relief is off")
+            return
+        try:
+            self.pressure = PressureRelief(path, self._owners)
+        except OSError as err:
+            log.warning("cannot watch %s for memory pressure (%s): relief is off", path, err)
 
     async def _apply_memory_budget(self) -> None:
         """The budget for all backends together is also the limit of modeld.slice."""
@@ -149,17 +163,20 @@ class Supervisor:
 
     async def shutdown(self) -> None:
         """Stop every backend (reason ``shutdown``) and end the owners."""
+        self._stop_background()
         await asyncio.gather(*(owner.close() for owner in self._owners.values()))
+
+    def _stop_background(self) -> None:
+        if self.pressure is not None:
+            self.pressure.close()
         for task in list(self._tasks):
             task.cancel()
         self._sockets.close()
 
     async def detach(self) -> None:
         """End the owners but leave every backend running (modeld is being restarted)."""
+        self._stop_background()
         await asyncio.gather(*(owner.detach() for owner in self._owners.values()))
-        for task in list(self._tasks):
-            task.cancel()
-        self._sockets.close()
 
     async def reload(self, config: Config) -> tuple[list[str], list[str]]:
         """Switch to ``config``: returns (added, removed) model names.
