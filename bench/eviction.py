@@ -54,8 +54,9 @@ def decision_timing() -> dict[str, float]:
         )
         for i in range(64)
     ]
-    target = ModelView("t", ModelState.UNLOADED, groups=frozenset({"g1"}), memory_max=4 * gib,
-                       gpu_memory=8 * gib)
+    target = ModelView(
+        "t", ModelState.UNLOADED, groups=frozenset({"g1"}), memory_max=4 * gib, gpu_memory=8 * gib
+    )
     views = [*models, target]
     gpus = [GpuView("gpu0", 40 * gib, 4 * gib), GpuView("gpu1", 40 * gib, 6 * gib)]
     limits = Limits(max_loaded=48, memory_budget=70 * gib, force_busy=True)
@@ -87,9 +88,16 @@ async def drive_swaps(rounds: int) -> dict[str, list[float]]:
 
     async def manager(member: str, name: str, wait: bool) -> None:
         options = {"wait": Variant("b", True)} if wait else {}
-        reply = await bus.call(Message(
-            destination="org.modeld1", path="/org/modeld1", interface="org.modeld1.Manager",
-            member=member, signature="sa{sv}", body=[name, options]))
+        reply = await bus.call(
+            Message(
+                destination="org.modeld1",
+                path="/org/modeld1",
+                interface="org.modeld1.Manager",
+                member=member,
+                signature="sa{sv}",
+                body=[name, options],
+            )
+        )
         if reply.error_name:
             raise RuntimeError(f"{member} {name}: {reply.body}")
 
@@ -137,26 +145,45 @@ def sandbox_runs(rounds: int) -> dict[str, object]:
         "b": reference_model(extra=GROUP),
         **{f"p{i}": reference_model() for i in range(4)},
     }
-    with tempfile.TemporaryDirectory(prefix="modeld-bench-") as tmp, booted_sandbox(
-        dbus_policy_files=[REPO / "systemd" / "org.modeld1.conf"]
-    ) as sandbox:
+    with (
+        tempfile.TemporaryDirectory(prefix="modeld-bench-") as tmp,
+        booted_sandbox(dbus_policy_files=[REPO / "systemd" / "org.modeld1.conf"]) as sandbox,
+    ):
         modeld = deploy(sandbox, Path(tmp), models)
         proc = sandbox.exec(
-            sys.executable, str(Path(__file__).resolve()), "--swap-driver", f"--rounds={rounds}",
-            env={"PYTHONPATH": str(REPO / "service")}, timeout=120 + rounds * 20,
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--swap-driver",
+            f"--rounds={rounds}",
+            env={"PYTHONPATH": str(REPO / "service")},
+            timeout=120 + rounds * 20,
         )
         result["swap"] = swap_report(json.loads(proc.stdout.splitlines()[-1]))
 
         for name in ("p0", "p1", "p2", "p3"):
             modeld.load(name)
         sandbox.exec(
-            "systemd-run", "--scope", "--quiet", "--slice=modeld.slice", "--unit=bench-pressure",
-            sys.executable, str(REPO / "tests" / "pressure_load.py"), "--seconds", "8",
-            "--limit-mib", "32", "--file-mib", "256", "--ballast-mib", "24",
-            input="\n", timeout=90,
+            "systemd-run",
+            "--scope",
+            "--quiet",
+            "--slice=modeld.slice",
+            "--unit=bench-pressure",
+            sys.executable,
+            str(REPO / "tests" / "pressure_load.py"),
+            "--seconds",
+            "8",
+            "--limit-mib",
+            "32",
+            "--file-mib",
+            "256",
+            "--ballast-mib",
+            "24",
+            input="\n",
+            timeout=90,
         )
         latencies = [
-            float(m) for m in re.findall(
+            float(m)
+            for m in re.findall(
                 r"memory pressure: unloading \S+ \(([0-9.]+) ms after the pressure event\)",
                 sandbox.journal(unit="modeld.service"),
             )
