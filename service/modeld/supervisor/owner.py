@@ -16,29 +16,23 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import os
 import signal
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
-
-import psutil
+from typing import Protocol
 
 from modeld.config import ModelConfig
 from modeld.core.states import ModelState, check_transition
-from modeld.discovery import Backend
-from modeld.errors import LoadFailed, ModeldError, SystemdError
-from modeld.naming import SLICE, backend_socket, scope_name
-from modeld.supervisor.backend_client import BackendClient, build_model_options
-from modeld.supervisor.environment import backend_environment, credentials_for
-from modeld.supervisor.records import BackendRecord, RecordStore
-from modeld.supervisor.spawn import AdoptedProcess, ExitStatus, GatedProcess, WatchedProcess
+from modeld.errors import LoadFailed, ModeldError
+from modeld.naming import backend_socket, scope_name
+from modeld.supervisor.backend_client import BackendClient
+from modeld.supervisor.backend_run import BackendRun, OwnerContext
+from modeld.supervisor.records import BackendRecord
+from modeld.supervisor.spawn import AdoptedProcess, ExitStatus
 from modeld.system import journal
-from modeld.system.cgroup import CgroupLayout, OomWatch
-from modeld.system.inotify import DirectoryWatch
-from modeld.system.systemd import UINT64_MAX, ScopeSpec, Systemd
+from modeld.system.systemd import UINT64_MAX
 from modeld.units import format_size
 
 log = logging.getLogger(__name__)
@@ -77,72 +71,7 @@ class OwnerObserver(Protocol):
     def on_unloaded(self, model: str, reason: str) -> None: ...
 
 
-@dataclass(frozen=True)
-class OwnerContext:
-    """Everything an owner needs from the rest of modeld."""
-
-    systemd: Systemd
-    cgroups: CgroupLayout
-    runtime_dir: Path
-    stall_timeout: float
-    stop_timeout: float
-    resolve_backend: Callable[[str], Backend | None]
-    default_user: str | None
-    sockets: DirectoryWatch
-    """The watch on ``runtime_dir/backends`` that sees backend sockets appear."""
-    records: RecordStore
-    """Where ready backends are recorded for re-adoption after a restart."""
-    restart: Callable[[str], None] = lambda _name: None
-    """Asks the supervisor to load a model again (``restart = "on-failure"``)."""
-
-
 RESTART_BACKOFF_MAX = 60.0
-
-
-@dataclass
-class _Backend:
-    """The running parts of one generation of a model's backend."""
-
-    generation: int
-    unit: str
-    socket: Path
-    started_us: int
-    process: WatchedProcess | None = None
-    client: BackendClient | None = None
-    oom: OomWatch | None = None
-    scope_started: bool = False
-    stopping: bool = False
-    phases: list[tuple[str, float]] = field(
-        default_factory=lambda: [("starting", time.monotonic())]
-    )
-    crash_status: ExitStatus | None = None
-    exited: asyncio.Event = field(default_factory=asyncio.Event)
-
-    @property
-    def address(self) -> str:
-        return f"unix:{self.socket}"
-
-    @property
-    def log_file(self) -> Path:
-        """Where the backend's output goes when journald is not reachable."""
-        return self.socket.with_suffix(".log")
-
-    @property
-    def phase(self) -> str:
-        """What the load is doing now, in words ("waiting for Health")."""
-        return self.phases[-1][0]
-
-    @phase.setter
-    def phase(self, phase: str) -> None:
-        self.phases.append((phase, time.monotonic()))
-
-    def timings(self) -> str:
-        """How long each load phase took, for the log line of a finished load."""
-        ends = [t for _, t in self.phases[1:]] + [time.monotonic()]
-        total = (ends[-1] - self.phases[0][1]) * 1000
-        spans = zip(self.phases, ends, strict=True)
-        steps = ", ".join(f"{phase} {(end - start) * 1000:.1f}" for (phase, start), end in spans)
-        return f"{total:.0f} ms ({steps})"
 
 
 @dataclass
@@ -247,7 +176,7 @@ class ModelOwner:
         self._observer = observer
         self._next_generation = last_generation + 1
         self._inbox: asyncio.Queue[_Message] = asyncio.Queue()
-        self._backend: _Backend | None = None
+        self._backend: BackendRun | None = None
         self._load_task: asyncio.Task[None] | None = None
         self._load_waiters: list[asyncio.Future[None]] = []
         self._deferred_unloads: list[tuple[_Unload, asyncio.Future[None]]] = []
@@ -328,15 +257,8 @@ class ModelOwner:
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
-        backend = self._backend
-        if backend is None:
-            return
-        if backend.process is not None:
-            backend.process.release()
-        if backend.oom is not None:
-            backend.oom.close()
-        if backend.client is not None:
-            await backend.client.close()
+        if self._backend is not None:
+            await self._backend.release()
 
     async def close(self) -> None:
         """Stop the backend (reason ``shutdown``) and end the owner task."""
@@ -423,7 +345,8 @@ class ModelOwner:
     def _start_load(self, after: Sequence[Awaitable[object]], gpu: str) -> None:
         generation = self._next_generation
         self._next_generation += 1
-        backend = _Backend(
+        backend = BackendRun(
+            model=self.name,
             generation=generation,
             unit=scope_name(self.name, generation),
             socket=backend_socket(self._context.runtime_dir, self.name),
@@ -443,124 +366,28 @@ class ModelOwner:
         )
         self._load_task.add_done_callback(lambda task: self._post_load_done(backend, task))
 
-    def _post_load_done(self, backend: _Backend, task: asyncio.Task[None]) -> None:
+    def _post_load_done(self, backend: BackendRun, task: asyncio.Task[None]) -> None:
         if task.cancelled():
             return
         self._inbox.put_nowait(_LoadDone(backend.generation, task.exception()))
 
-    async def _load_procedure(self, backend: _Backend, after: Sequence[Awaitable[object]]) -> None:
+    async def _load_procedure(
+        self, backend: BackendRun, after: Sequence[Awaitable[object]]
+    ) -> None:
         if after:
             backend.phase = "waiting for evictions"
             await asyncio.gather(*after, return_exceptions=True)
-        config = self.config
-        definition = self._context.resolve_backend(config.backend)
-        if definition is None:
-            raise LoadFailed(f"backend '{config.backend}' of model {self.name} is not installed")
-        options = build_model_options(config.model, config.options)
-        credentials = credentials_for(config.user or self._context.default_user)
-        with contextlib.suppress(FileNotFoundError):
-            backend.socket.unlink()
-        output_fd = journal.open_journal_stream(self.name)
-        if output_fd is None:
-            output_fd = journal.open_log_file(backend.log_file)
-        backend.phase = "spawning"
-        try:
-            process = GatedProcess(
-                [str(definition.run), "--addr", backend.address],
-                env=backend_environment(self.name, gpu=self.status.gpu),
-                cwd=str(definition.directory),
-                output_fd=output_fd,
-                credentials=credentials,
-                on_exit=lambda status: self._on_process_exit(backend, status),
-            )
-        finally:
-            os.close(output_fd)
-        backend.process = process
-        self._set(main_pid=process.pid)
-        backend.phase = "creating its scope"
-        await self._start_scope(backend)
-        backend.phase = "opening the gate"
-        process.open_gate()
-        await self._watch_cgroup(backend)
-        await self._guard_stall(backend, self._handshake(backend, options))
-
-    async def _start_scope(self, backend: _Backend) -> None:
-        assert backend.process is not None
-        config = self.config
-        spec = ScopeSpec(
-            unit=backend.unit,
-            description=f"modeld backend for model {self.name} ({config.backend})",
-            slice=SLICE,
-            memory_max=config.memory_max,
-            memory_high=config.memory_high,
-            tasks_max=config.tasks_max,
-            cpu_weight=config.cpu_weight,
-            stop_timeout_s=self._context.stop_timeout,
+        await backend.launch(
+            self.config,
+            self._context,
+            gpu=self.status.gpu,
+            on_exit=lambda status: self._on_process_exit(backend, status),
+            on_started=lambda pid: self._set(main_pid=pid),
+            on_cgroup=lambda control_group: self._set(control_group=control_group),
         )
-        await self._context.systemd.start_scope(spec, backend.process.pid)
-        backend.scope_started = True
 
-    async def _watch_cgroup(self, backend: _Backend) -> None:
-        """Learn the scope's cgroup and watch it for OOM kills (while the backend starts)."""
-        control_group = await self._context.systemd.unit_property(
-            backend.unit, "Scope", "ControlGroup"
-        )
-        if control_group:
-            backend.oom = OomWatch(self._context.cgroups, control_group)
-            self._set(control_group=control_group)
-
-    async def _handshake(self, backend: _Backend, options: Any) -> None:
-        backend.phase = "waiting for its socket"
-        await self._context.sockets.wait_for(backend.socket.name)
-        backend.client = BackendClient(backend.address)
-        backend.phase = "waiting for Health"
-        await backend.client.health()
-        backend.phase = "in LoadModel"
-        await backend.client.load_model(options)
-
-    def _progress_sample(self, backend: _Backend) -> tuple[float, int]:
-        """CPU time and memory of the scope's processes: changes mean the load progresses."""
-        cpu = 0.0
-        if backend.process is not None and backend.process.exit_status is None:
-            with contextlib.suppress(psutil.Error):
-                root = psutil.Process(backend.process.pid)
-                for proc in [root, *root.children(recursive=True)]:
-                    with contextlib.suppress(psutil.Error):
-                        times = proc.cpu_times()
-                        cpu += times.user + times.system
-        memory = 0
-        if self.status.control_group:
-            memory = self._context.cgroups.memory_current(self.status.control_group) or 0
-        return cpu, memory
-
-    async def _guard_stall(self, backend: _Backend, work: Awaitable[None]) -> None:
-        """Run ``work`` until done; fail it only after a whole stall timeout without progress."""
-        task = asyncio.ensure_future(work)
-        last = self._progress_sample(backend)
-        try:
-            while True:
-                done, _ = await asyncio.wait({task}, timeout=self._context.stall_timeout)
-                if done:
-                    return task.result()
-                sample = self._progress_sample(backend)
-                if sample == last:
-                    raise LoadFailed(
-                        f"backend made no progress for {self._context.stall_timeout:g}s"
-                        f" while {backend.phase}"
-                    )
-                last = sample
-        finally:
-            if not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-
-    def _on_process_exit(self, backend: _Backend, status: ExitStatus) -> None:
-        if backend.oom is not None:
-            backend.oom.process_exited = True
-        if not backend.stopping:
-            backend.crash_status = status
-        backend.exited.set()
+    def _on_process_exit(self, backend: BackendRun, status: ExitStatus) -> None:
+        backend.process_exited(status)
         self._inbox.put_nowait(_Exited(backend.generation))
 
     async def _on_load_done(self, message: _LoadDone) -> None:
@@ -599,7 +426,7 @@ class ModelOwner:
             else:
                 waiter.set_exception(error)
 
-    def _save_record(self, backend: _Backend) -> None:
+    def _save_record(self, backend: BackendRun) -> None:
         assert backend.process is not None
         self._context.records.save(
             BackendRecord(
@@ -614,7 +441,8 @@ class ModelOwner:
         )
 
     async def _on_adopt(self, record: BackendRecord) -> bool:
-        backend = _Backend(
+        backend = BackendRun(
+            model=self.name,
             generation=record.generation,
             unit=record.unit,
             socket=Path(record.socket),
@@ -636,7 +464,7 @@ class ModelOwner:
                 record.pid, lambda status: self._on_process_exit(backend, status)
             )
             await self._context.systemd.ref_unit(record.unit)
-            await self._watch_cgroup(backend)
+            self._set(control_group=await backend.watch_cgroup(self._context))
             backend.client = BackendClient(backend.address)
             await backend.client.health(timeout=ADOPT_HEALTH_TIMEOUT)
         except Exception as err:  # any failure: the backend is not usable, stop it
@@ -674,7 +502,7 @@ class ModelOwner:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
 
-    async def _fail(self, backend: _Backend, summary: str) -> None:
+    async def _fail(self, backend: BackendRun, summary: str) -> None:
         """Tear the backend down and settle in ``failed`` with a reason and LastError."""
         was_loading = self.status.state is ModelState.LOADING
         crash = backend.crash_status
@@ -725,38 +553,10 @@ class ModelOwner:
             self._restart_timer.cancel()
             self._restart_timer = None
 
-    async def _teardown(self, backend: _Backend) -> str | None:
-        """Stop everything of ``backend``; returns the scope's Result when it had one."""
-        backend.stopping = True
-        systemd = self._context.systemd
-        result: str | None = None
-        try:
-            if backend.scope_started:
-                await systemd.stop_unit(backend.unit)
-            elif backend.process is not None:
-                backend.process.kill()
-        except SystemdError as err:
-            log.warning("model %s: %s; killing the process", self.name, err)
-            if backend.process is not None:
-                backend.process.kill()
-        if backend.process is not None:
-            try:
-                await asyncio.wait_for(backend.exited.wait(), self._context.stop_timeout + 5)
-            except TimeoutError:
-                backend.process.kill()
-                await backend.exited.wait()
-            backend.process.close()
-        if backend.scope_started:
-            result = await systemd.unit_property(backend.unit, "Scope", "Result")
-            await systemd.kill_unit(backend.unit, 9)
-            await systemd.unref_unit(backend.unit)
-        if backend.oom is not None:
-            backend.oom.close()
-        if backend.client is not None:
-            await backend.client.close()
-        with contextlib.suppress(FileNotFoundError):
-            backend.socket.unlink()
-        self._context.records.remove(backend.unit)
+    async def _teardown(self, backend: BackendRun) -> str | None:
+        """Stop everything of ``backend`` and clear what the model published about it;
+        returns the scope's Result when it had one."""
+        result = await backend.stop(self._context)
         self._requests.clear()
         for timer in self._timers.values():
             timer.cancel()
@@ -788,7 +588,7 @@ class ModelOwner:
         await self._unload_now(backend, message.reason)
         done.set_result(None)
 
-    async def _unload_now(self, backend: _Backend, reason: str, *, kill: bool = False) -> None:
+    async def _unload_now(self, backend: BackendRun, reason: str, *, kill: bool = False) -> None:
         """Stop ``backend``: Free (best effort) then stop its scope; ``kill`` skips Free and
         SIGKILLs the whole scope first (a hung backend)."""
         was_loading = self.status.state is ModelState.LOADING
@@ -797,8 +597,7 @@ class ModelOwner:
             await self._cancel_load()
             self._resolve_waiters(LoadFailed(f"{self.name}: load cancelled ({reason} unload)"))
         elif kill:
-            backend.stopping = True
-            await self._context.systemd.kill_unit(backend.unit, signal.SIGKILL)
+            await backend.kill(self._context)
         elif backend.client is not None and backend.crash_status is None:
             await backend.client.free(FREE_TIMEOUT)
         await self._teardown(backend)

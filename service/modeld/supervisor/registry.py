@@ -22,7 +22,8 @@ from modeld.errors import LoadFailed, ModeldError, NoSuchModel, SystemdError
 from modeld.naming import SLICE, UNIT_PREFIX, parse_scope_name, unit_escape
 from modeld.supervisor.admission import Admission, DecideFunction
 from modeld.supervisor.backend_client import BackendClient
-from modeld.supervisor.owner import ModelOwner, ModelStatus, OwnerContext, OwnerObserver
+from modeld.supervisor.backend_run import OwnerContext
+from modeld.supervisor.owner import ModelOwner, ModelStatus, OwnerObserver
 from modeld.supervisor.pressure_relief import PressureRelief
 from modeld.supervisor.records import RecordStore
 from modeld.system.cgroup import CgroupLayout

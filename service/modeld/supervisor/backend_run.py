@@ -1,0 +1,280 @@
+"""One run (generation) of a model's backend: starting it and stopping all of it.
+
+Starting: spawn behind the gate, create the scope with the child's pid, open the gate, watch
+the cgroup for OOM kills, then wait for the socket (inotify), Health and LoadModel, failing
+only after a whole stall timeout without progress. Stopping: stop the scope (SIGTERM, then
+SIGKILL after the stop timeout), wait for the process, drop systemd's reference, remove the
+socket. Only the model's owner uses a run; the run never touches the model's state, it
+reports through the callbacks it is given.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from modeld.config import ModelConfig
+from modeld.discovery import Backend
+from modeld.errors import LoadFailed, SystemdError
+from modeld.naming import SLICE
+from modeld.supervisor.backend_client import BackendClient, build_model_options
+from modeld.supervisor.environment import backend_environment, credentials_for
+from modeld.supervisor.records import RecordStore
+from modeld.supervisor.spawn import ExitStatus, GatedProcess, WatchedProcess
+from modeld.system import journal
+from modeld.system.cgroup import CgroupLayout, OomWatch
+from modeld.system.inotify import DirectoryWatch
+from modeld.system.systemd import ScopeSpec, Systemd
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class OwnerContext:
+    """Everything an owner and its backend runs need from the rest of modeld."""
+
+    systemd: Systemd
+    cgroups: CgroupLayout
+    runtime_dir: Path
+    stall_timeout: float
+    """0 turns stall detection off."""
+    stop_timeout: float
+    resolve_backend: Callable[[str], Backend | None]
+    default_user: str | None
+    sockets: DirectoryWatch
+    """The watch on ``runtime_dir/backends`` that sees backend sockets appear."""
+    records: RecordStore
+    """Where ready backends are recorded for re-adoption after a restart."""
+    restart: Callable[[str], None] = lambda _name: None
+    """Asks the supervisor to load a model again (``restart = "on-failure"``)."""
+
+
+@dataclass
+class BackendRun:
+    """The running parts of one generation of a model's backend."""
+
+    model: str
+    generation: int
+    unit: str
+    socket: Path
+    started_us: int
+    process: WatchedProcess | None = None
+    client: BackendClient | None = None
+    oom: OomWatch | None = None
+    control_group: str = ""
+    scope_started: bool = False
+    stopping: bool = False
+    phases: list[tuple[str, float]] = field(
+        default_factory=lambda: [("starting", time.monotonic())]
+    )
+    crash_status: ExitStatus | None = None
+    """How the process ended when it ended on its own (not stopped by modeld)."""
+    exited: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def address(self) -> str:
+        return f"unix:{self.socket}"
+
+    @property
+    def log_file(self) -> Path:
+        """Where the backend's output goes when journald is not reachable."""
+        return self.socket.with_suffix(".log")
+
+    @property
+    def phase(self) -> str:
+        """What the load is doing now, in words ("waiting for Health")."""
+        return self.phases[-1][0]
+
+    @phase.setter
+    def phase(self, phase: str) -> None:
+        self.phases.append((phase, time.monotonic()))
+
+    def timings(self) -> str:
+        """How long each load phase took, for the log line of a finished load."""
+        ends = [t for _, t in self.phases[1:]] + [time.monotonic()]
+        total = (ends[-1] - self.phases[0][1]) * 1000
+        spans = zip(self.phases, ends, strict=True)
+        steps = ", ".join(f"{phase} {(end - start) * 1000:.1f}" for (phase, start), end in spans)
+        return f"{total:.0f} ms ({steps})"
+
+    def process_exited(self, status: ExitStatus) -> None:
+        """Record the end of the process (called from its pidfd watcher)."""
+        if self.oom is not None:
+            self.oom.process_exited = True
+        if not self.stopping:
+            self.crash_status = status
+        self.exited.set()
+
+    # ------------------------------------------------------------------------ start
+
+    async def launch(
+        self,
+        config: ModelConfig,
+        context: OwnerContext,
+        *,
+        gpu: str,
+        on_exit: Callable[[ExitStatus], None],
+        on_started: Callable[[int], None],
+        on_cgroup: Callable[[str], None],
+    ) -> None:
+        """Start the backend and load the model; raises LoadFailed (or SystemdError)."""
+        definition = context.resolve_backend(config.backend)
+        if definition is None:
+            raise LoadFailed(f"backend '{config.backend}' of model {self.model} is not installed")
+        options = build_model_options(config.model, config.options)
+        credentials = credentials_for(config.user or context.default_user)
+        with contextlib.suppress(FileNotFoundError):
+            self.socket.unlink()
+        output_fd = journal.open_journal_stream(self.model)
+        if output_fd is None:
+            output_fd = journal.open_log_file(self.log_file)
+        self.phase = "spawning"
+        try:
+            process = GatedProcess(
+                [str(definition.run), "--addr", self.address],
+                env=backend_environment(self.model, gpu=gpu),
+                cwd=str(definition.directory),
+                output_fd=output_fd,
+                credentials=credentials,
+                on_exit=on_exit,
+            )
+        finally:
+            os.close(output_fd)
+        self.process = process
+        on_started(process.pid)
+        self.phase = "creating its scope"
+        await self._start_scope(config, context)
+        self.phase = "opening the gate"
+        process.open_gate()
+        on_cgroup(await self.watch_cgroup(context))
+        await self._guard_stall(context, self._handshake(context, options))
+
+    async def _start_scope(self, config: ModelConfig, context: OwnerContext) -> None:
+        assert self.process is not None
+        spec = ScopeSpec(
+            unit=self.unit,
+            description=f"modeld backend for model {self.model} ({config.backend})",
+            slice=SLICE,
+            memory_max=config.memory_max,
+            memory_high=config.memory_high,
+            tasks_max=config.tasks_max,
+            cpu_weight=config.cpu_weight,
+            stop_timeout_s=context.stop_timeout,
+        )
+        await context.systemd.start_scope(spec, self.process.pid)
+        self.scope_started = True
+
+    async def watch_cgroup(self, context: OwnerContext) -> str:
+        """Learn the scope's cgroup and watch it for OOM kills (while the backend starts)."""
+        control_group = await context.systemd.unit_property(self.unit, "Scope", "ControlGroup")
+        if control_group:
+            self.control_group = control_group
+            self.oom = OomWatch(context.cgroups, control_group)
+        return self.control_group
+
+    async def _handshake(self, context: OwnerContext, options: Any) -> None:
+        self.phase = "waiting for its socket"
+        await context.sockets.wait_for(self.socket.name)
+        self.client = BackendClient(self.address)
+        self.phase = "waiting for Health"
+        await self.client.health()
+        self.phase = "in LoadModel"
+        await self.client.load_model(options)
+
+    def _progress_sample(self, cgroups: CgroupLayout) -> tuple[float, int]:
+        """CPU time and memory of the backend's processes: changes mean the load progresses."""
+        cpu = 0.0
+        if self.process is not None and self.process.exit_status is None:
+            with contextlib.suppress(psutil.Error):
+                root = psutil.Process(self.process.pid)
+                for proc in [root, *root.children(recursive=True)]:
+                    with contextlib.suppress(psutil.Error):
+                        times = proc.cpu_times()
+                        cpu += times.user + times.system
+        memory = cgroups.memory_current(self.control_group) if self.control_group else None
+        return cpu, memory or 0
+
+    async def _guard_stall(self, context: OwnerContext, work: Awaitable[None]) -> None:
+        """Run ``work`` until done; fail it only after a whole stall timeout without progress."""
+        if context.stall_timeout <= 0:
+            await work
+            return
+        task = asyncio.ensure_future(work)
+        last = self._progress_sample(context.cgroups)
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=context.stall_timeout)
+                if done:
+                    return task.result()
+                sample = self._progress_sample(context.cgroups)
+                if sample == last:
+                    raise LoadFailed(
+                        f"backend made no progress for {context.stall_timeout:g}s"
+                        f" while {self.phase}"
+                    )
+                last = sample
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+
+    # ------------------------------------------------------------------------- stop
+
+    async def kill(self, context: OwnerContext) -> None:
+        """SIGKILL every process of the scope at once (a hung backend)."""
+        self.stopping = True
+        await context.systemd.kill_unit(self.unit, signal.SIGKILL)
+
+    async def stop(self, context: OwnerContext) -> str | None:
+        """Stop everything of this run; returns the scope's Result when it had one."""
+        self.stopping = True
+        systemd = context.systemd
+        result: str | None = None
+        try:
+            if self.scope_started:
+                await systemd.stop_unit(self.unit)
+            elif self.process is not None:
+                self.process.kill()
+        except SystemdError as err:
+            log.warning("model %s: %s; killing the process", self.model, err)
+            if self.process is not None:
+                self.process.kill()
+        if self.process is not None:
+            try:
+                await asyncio.wait_for(self.exited.wait(), context.stop_timeout + 5)
+            except TimeoutError:
+                self.process.kill()
+                await self.exited.wait()
+            self.process.close()
+        if self.scope_started:
+            result = await systemd.unit_property(self.unit, "Scope", "Result")
+            await systemd.kill_unit(self.unit, signal.SIGKILL)
+            await systemd.unref_unit(self.unit)
+        if self.oom is not None:
+            self.oom.close()
+        if self.client is not None:
+            await self.client.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.socket.unlink()
+        context.records.remove(self.unit)
+        return result
+
+    async def release(self) -> None:
+        """Stop watching but leave the backend running (modeld restarts and re-adopts it)."""
+        if self.process is not None:
+            self.process.release()
+        if self.oom is not None:
+            self.oom.close()
+        if self.client is not None:
+            await self.client.close()
