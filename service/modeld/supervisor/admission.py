@@ -52,15 +52,16 @@ class Admission:
         """Some model changed state or in-flight count: waiting admissions decide again."""
         self._changed.set()
 
-    async def gpu_snapshot(self) -> GpuState | None:
-        """NVML's view, with each backend's share reported to its owner (None: no GPU)."""
+    async def gpu_snapshot(self) -> tuple[GpuState, dict[str, dict[str, int]]] | None:
+        """NVML's view and each model's GPU memory per device, which is also reported to
+        the owners (None: no GPU)."""
         if not self._gpu.available:
             return None
         state = await self._gpu.snapshot()
         usage = self._attribute(state)
         for owner in self._owners.values():
             owner.report_gpu_memory(usage.get(owner.name, {}).get(owner.status.gpu, 0))
-        return state
+        return state, usage
 
     def _attribute(self, state: GpuState) -> dict[str, dict[str, int]]:
         pids = {
@@ -71,8 +72,8 @@ class Admission:
         return attribute_gpu_memory(state.processes, pids)
 
     async def _snapshot(self, target: ModelOwner) -> tuple[list[ModelView], list[GpuView]]:
-        state = await self.gpu_snapshot() if target.config.gpu_memory > 0 else None
-        usage = self._attribute(state) if state is not None else {}
+        gpu = await self.gpu_snapshot() if target.config.gpu_memory > 0 else None
+        state, usage = gpu if gpu is not None else (None, {})
         views = []
         for owner in self._owners.values():
             status, config = owner.status, owner.config
