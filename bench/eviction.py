@@ -208,11 +208,9 @@ def main() -> int:
         print(json.dumps(asyncio.run(drive_swaps(args.rounds))))
         return 0
     result = {"decision": decision_timing(), **sandbox_runs(args.rounds)}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
+    from report import emit
+
+    emit(result, args.json)
     return 0
 
 

@@ -228,11 +228,9 @@ def main() -> int:
     result["modeld_internal_load_median_ms"] = statistics.median(internal) if internal else None
     result["modeld_phase_medians_ms"] = _phase_medians(phase_log[1:])
     result["modeld_load_phases"] = phase_log[-3:]
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
+    from report import emit
+
+    emit(result, args.json)
     return 0
 
 
