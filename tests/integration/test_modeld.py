@@ -290,3 +290,45 @@ def test_restart_on_failure_loads_a_crashed_model_again(modeld: Modeld) -> None:
     modeld.unload("phoenix")  # cancels the next restart
     assert modeld.prop("phoenix", "State") == "unloaded"
     assert_nothing_left(modeld, "phoenix")
+
+
+def test_only_root_may_change_state_but_everyone_may_read(modeld: Modeld) -> None:
+    nobody = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "busctl")
+    sb = modeld.sandbox
+    denied = sb.exec(
+        *nobody,
+        "call",
+        "org.modeld1",
+        "/org/modeld1",
+        "org.modeld1.Manager",
+        "Load",
+        "sa{sv}",
+        "demo",
+        "0",
+        check=False,
+    )
+    assert denied.returncode != 0
+    assert "uid 65534 may not change modeld's state" in denied.stderr
+    write = sb.exec(
+        *nobody,
+        "set-property",
+        "org.modeld1",
+        "/org/modeld1",
+        "org.modeld1.Manager",
+        "MaxLoaded",
+        "u",
+        "3",
+        check=False,
+    )
+    assert write.returncode != 0 and "may not change" in write.stderr
+    assert modeld.manager_prop("MaxLoaded") == 0
+    read = sb.exec(
+        *nobody,
+        "get-property",
+        "org.modeld1",
+        "/org/modeld1/model/demo",
+        "org.modeld1.Model",
+        "State",
+    )
+    assert read.stdout.strip() == 's "unloaded"'
+    assert modeld.prop("demo", "State") == "unloaded"
