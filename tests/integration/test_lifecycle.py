@@ -279,3 +279,30 @@ def test_without_socket_activation_modeld_binds_its_own_socket(
     finally:
         sandbox.systemctl("stop", "modeld-standalone.service", check=False)
     assert deployment.scopes() == []
+
+
+def test_on_debians_own_python_packages_backends_run_as_their_user(
+    sandbox: Sandbox, tmp_path: Path
+) -> None:
+    """modeld on /usr/bin/python3 with Debian's python3-* packages (as the .deb installs it),
+    and a model whose backend runs as another user."""
+    models = {"u": reference_model(extra='user = "nobody"\n')}
+    deployment = Modeld(sandbox, tmp_path, models=models, python="/usr/bin/python3")
+    deployment.install()
+    try:
+        deployment.start()
+        assert deployment.load("u") == ["/org/modeld1/model/u"]
+        pid = deployment.prop("u", "MainPID")
+        assert sandbox.exec("ps", "-o", "uid=", "-p", str(pid)).stdout.strip() == "65534"
+        assert "/usr/bin/python3 -m modeld.reference_backend" in " ".join(
+            deployment.backend_processes()
+        )
+        status, body = deployment.http_post(
+            "/v1/completions", {"model": "u", "prompt": "The sea", "max_tokens": 4}
+        )
+        assert status == 200 and body["usage"]["completion_tokens"] == 4
+        deployment.unload("u")
+        assert deployment.scopes() == [] and deployment.backend_processes() == []
+    finally:
+        deployment.stop()
+        sandbox.remove_units(["modeld.service", "modeld.socket", "modeld.slice"])

@@ -44,6 +44,8 @@ class Modeld:
     daemon: str = ""
     dropin: str = ""
     models: dict[str, str] = field(default_factory=dict)
+    python: str = sys.executable
+    """The interpreter modeld runs on (and so its backends: MODELD_PYTHON)."""
 
     @property
     def api_socket(self) -> Path:
@@ -72,7 +74,7 @@ class Modeld:
             "modeld.service",
             "50-checkout",
             "[Service]\nExecStart=\n"
-            f"ExecStart={sys.executable} -m modeld --config {self.config_dir}/modeld.toml\n"
+            f"ExecStart={self.python} -m modeld --config {self.config_dir}/modeld.toml\n"
             f"Environment=PYTHONPATH={REPO / 'service'}\n"
             "PrivateTmp=no\nReadWritePaths=/tmp\n" + self.dropin,
             reload=False,

@@ -1,4 +1,8 @@
-"""HTTP routes: health, the model list and completions (more routes come with the front door)."""
+"""HTTP routes: health, the model list and completions (more routes come with the front door).
+
+Handlers are closures over the supervisor rather than app keys, so the app also runs on the
+aiohttp of Debian 12 (3.8), which has no ``web.AppKey``.
+"""
 
 from __future__ import annotations
 
@@ -11,38 +15,30 @@ from modeld import __version__
 from modeld.http.completions import completions
 from modeld.supervisor.registry import Supervisor
 
-SUPERVISOR: web.AppKey[Supervisor] = web.AppKey("supervisor", Supervisor)
-
-
-async def healthz(request: web.Request) -> web.Response:
-    supervisor = request.app[SUPERVISOR]
-    return web.json_response(
-        {"status": "ok", "version": __version__, "loaded": supervisor.loaded_count()}
-    )
-
-
-async def list_models(request: web.Request) -> web.Response:
-    supervisor = request.app[SUPERVISOR]
-    data = [
-        {
-            "id": owner.name,
-            "object": "model",
-            "owned_by": "modeld",
-            "backend": owner.config.backend,
-            "state": str(owner.status.state),
-        }
-        for owner in supervisor.owners()
-    ]
-    return web.json_response({"object": "list", "data": data})
-
-
-async def complete(request: web.Request) -> web.Response:
-    return await completions(request, request.app[SUPERVISOR])
-
 
 def build_app(supervisor: Supervisor) -> web.Application:
+    async def healthz(_request: web.Request) -> web.Response:
+        return web.json_response(
+            {"status": "ok", "version": __version__, "loaded": supervisor.loaded_count()}
+        )
+
+    async def list_models(_request: web.Request) -> web.Response:
+        data = [
+            {
+                "id": owner.name,
+                "object": "model",
+                "owned_by": "modeld",
+                "backend": owner.config.backend,
+                "state": str(owner.status.state),
+            }
+            for owner in supervisor.owners()
+        ]
+        return web.json_response({"object": "list", "data": data})
+
+    async def complete(request: web.Request) -> web.Response:
+        return await completions(request, supervisor)
+
     app = web.Application()
-    app[SUPERVISOR] = supervisor
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/v1/models", list_models)
     app.router.add_post("/v1/completions", complete)
