@@ -2,7 +2,7 @@
 
 Boots the project's sandbox (a real systemd + D-Bus in namespaces), installs modeld from
 the repository's unit files, loads the shipped ``demo`` model over D-Bus with busctl, asks
-its backend for text through a lease from ``Acquire``, and unloads it again.
+it for text through ``POST /v1/completions`` and over gRPC, and unloads it again.
 """
 
 from __future__ import annotations
@@ -101,11 +101,21 @@ def main() -> int:
             unit = modeld.prop("demo", "Unit")
             print(sb.systemctl("status", unit, "--no-pager", "--lines=0", check=False).stdout)
 
-            step("ask the backend for text (endpoint from the model's D-Bus properties)")
+            step("a request through modeld's front door: POST /v1/completions")
+            request = {
+                "model": "demo",
+                "prompt": "The lighthouse keeper",
+                "max_tokens": 24,
+                "temperature": 0,
+            }
+            status, body = modeld.http_post("/v1/completions", request)
+            print(f"POST /v1/completions {request} -> {status}")
+            print(f"text:  {body['choices'][0]['text']!r}\nusage: {body['usage']}")
+
+            step("or straight to the backend over gRPC (endpoint from its D-Bus properties)")
             endpoint = modeld.prop("demo", "Endpoint").removeprefix("unix:")
             on_host = sb.run_dir / Path(endpoint).relative_to("/run")
-            prompt = "The lighthouse keeper"
-            print(f"prompt: {prompt!r}\nreply:  {ask_backend(on_host, prompt)!r}")
+            print(f"Predict -> {ask_backend(on_host, 'The sea')!r}")
 
             step("modeldctl")
             ctl = [sys.executable, "-m", "modeld.cli.main"]
