@@ -278,10 +278,19 @@ class ModelOwner:
                 await self._handle(message)
             except asyncio.CancelledError:
                 raise
-            except Exception:
+            except Exception as err:
                 log.exception(
                     "model %s: internal error handling %s", self.name, type(message).__name__
                 )
+                self._release_callers(message, err)
+
+    def _release_callers(self, message: _Message, err: Exception) -> None:
+        """After an internal error, nobody waiting on this owner may hang: fail them all."""
+        error = LoadFailed(f"{self.name}: internal error in modeld ({err}); see its journal")
+        for future in (getattr(message, "accepted", None), getattr(message, "done", None)):
+            if isinstance(future, asyncio.Future) and not future.done():
+                future.set_exception(error)
+        self._resolve_waiters(error)
 
     async def _handle(self, message: _Message) -> None:
         match message:

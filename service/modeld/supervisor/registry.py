@@ -130,8 +130,9 @@ class Supervisor:
                 and record.pid in await self._systemd.unit_pids(unit)
             ):
                 owner = self._add_owner(model)
-                if await owner.adopt(record):
-                    continue
+                with contextlib.suppress(ModeldError):
+                    if await owner.adopt(record):
+                        continue
             else:
                 log.warning("stopping %s left behind by an earlier modeld", unit)
                 await self._systemd.stop_unit(unit)
