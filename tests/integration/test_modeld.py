@@ -29,6 +29,7 @@ MODELS = {
     "my model": reference_model(),
     "ünï-cödé": reference_model(),
     "leased": reference_model(),
+    "orphan": 'backend = "nope"\n',
     "phoenix": reference_model(options=("crash_after=0.5",), extra='restart = "on-failure"\n'),
 }
 
@@ -180,6 +181,19 @@ def test_a_stalled_load_fails_after_the_stall_timeout(modeld: Modeld) -> None:
     assert_nothing_left(modeld, "hang")
 
 
+def test_a_model_whose_backend_is_not_installed_is_refused_up_front(modeld: Modeld) -> None:
+    async def load() -> tuple[str | None, str]:
+        async with connect(modeld.sandbox.bus_address) as bus:
+            reply = await call(bus, "Load", "sa{sv}", ["orphan", {"wait": _variant(True)}])
+            return reply.error_name, reply.body[0]
+
+    error, message = asyncio.run(load())
+    assert error == "org.modeld1.Error.NoSuchBackend"
+    assert "model orphan uses backend 'nope', which is not installed in" in message
+    assert modeld.prop("orphan", "State") == "unloaded"
+    assert modeld.scopes() == []
+
+
 def test_unknown_and_odd_names_get_clean_errors(modeld: Modeld) -> None:
     for name in ("nope", "a/b", "..", "../demo", "", "demo "):
         proc = modeld.load(name, check=False)
@@ -216,7 +230,8 @@ def test_names_with_spaces_and_unicode_are_escaped(
 def test_list_models_and_object_manager(modeld: Modeld) -> None:
     listed = modeld.call("ListModels")[0]
     assert {row[0] for row in listed} == set(MODELS)
-    assert all(row[2] == "reference" for row in listed)
+    assert {row[0]: row[2] for row in listed}["orphan"] == "nope"
+    assert all(row[2] == "reference" for row in listed if row[0] != "orphan")
     objects = modeld.call("GetManagedObjects", interface="org.freedesktop.DBus.ObjectManager")[0]
     assert "/org/modeld1/model/my_20model" in objects
     assert objects["/org/modeld1/model/demo"]["org.modeld1.Model"]["Name"]["data"] == "demo"

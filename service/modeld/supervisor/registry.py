@@ -18,7 +18,7 @@ from modeld.config import Config, ModelConfig
 from modeld.core.eviction import Limits, decide_load
 from modeld.core.states import ModelState
 from modeld.discovery import BackendIndex, discover_backends, effective_backend_dirs
-from modeld.errors import LoadFailed, ModeldError, NoSuchModel, SystemdError
+from modeld.errors import LoadFailed, ModeldError, NoSuchBackend, NoSuchModel, SystemdError
 from modeld.naming import SLICE, UNIT_PREFIX, parse_scope_name, unit_escape
 from modeld.supervisor.admission import Admission, DecideFunction
 from modeld.supervisor.backend_client import BackendClient
@@ -270,7 +270,14 @@ class Supervisor:
             force_busy=force or daemon.force_eviction_when_busy,
         )
         patience = daemon.eviction_retries * daemon.eviction_retry_interval
-        return await self._admission.admit(self.owner(name), limits, patience)
+        owner = self.owner(name)
+        backend = owner.config.backend
+        if self.backends.resolve(backend) is None:
+            raise NoSuchBackend(
+                f"model {name} uses backend {backend!r}, which is not installed in"
+                f" {', '.join(str(d) for d in effective_backend_dirs(daemon.backends_dirs))}"
+            )
+        return await self._admission.admit(owner, limits, patience)
 
     def _restart(self, name: str) -> None:
         """Load ``name`` again after a crash, through admission like any other load."""
