@@ -28,6 +28,7 @@ from modeld.supervisor.environment import default_backend_user
 if TYPE_CHECKING:
     from modeld.bus.service import BusService
     from modeld.supervisor.registry import Supervisor
+    from modeld.supervisor.status import StatusChange
 
 log = logging.getLogger("modeld")
 
@@ -212,10 +213,10 @@ class Daemon:
 
     # ----------------------------------------------------- OwnerObserver (fan-out)
 
-    def on_status_changed(self, model: str, changed: dict[str, object]) -> None:
+    def on_status_changed(self, change: StatusChange) -> None:
         if self._service is not None:
-            self._service.on_status_changed(model, changed)
-        if "state" in changed and self._supervisor is not None:
+            self._service.on_status_changed(change)
+        if change.state_changed and self._supervisor is not None:
             self._notifier.status(self._supervisor.status_line())
 
     def on_loaded(self, model: str) -> None:

@@ -11,14 +11,15 @@ import pytest
 from modeld.config import default_daemon_config, load_model_config
 from modeld.errors import LoadFailed
 from modeld.supervisor.owner import ModelOwner
+from modeld.supervisor.status import StatusChange
 
 
 class Recorder:
     def __init__(self) -> None:
-        self.changes: list[dict[str, object]] = []
+        self.changes: list[StatusChange] = []
 
-    def on_status_changed(self, model: str, changed: dict[str, object]) -> None:
-        self.changes.append(changed)
+    def on_status_changed(self, change: StatusChange) -> None:
+        self.changes.append(change)
 
     def on_loaded(self, model: str) -> None: ...
 

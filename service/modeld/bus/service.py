@@ -44,6 +44,7 @@ from modeld.bus.signatures import (
 from modeld.errors import InvalidArgs, ModeldError
 from modeld.naming import MANAGER_PATH, model_object_path
 from modeld.supervisor.registry import Supervisor
+from modeld.supervisor.status import ModelStatus, StatusChange
 
 log = logging.getLogger(__name__)
 
@@ -54,21 +55,22 @@ BUS_NAME = "org.modeld1"
 
 _F = TypeVar("_F", bound=Callable[..., Coroutine[Any, Any, Any]])
 
-_STATUS_TO_PROPERTY = {
-    "state": "State",
-    "unit": "Unit",
-    "control_group": "ControlGroup",
-    "main_pid": "MainPID",
-    "endpoint": "Endpoint",
-    "memory_max": "MemoryMax",
-    "last_used_us": "LastUsed",
-    "in_flight": "InFlight",
-    "pinned": "Pinned",
-    "last_error": "LastError",
-    "load_count": "LoadCount",
-    "gpu": "Gpu",
-    "gpu_memory": "GpuMemory",
-}
+_STATUS_PROPERTIES: tuple[tuple[str, Callable[[ModelStatus], object]], ...] = (
+    ("State", lambda s: str(s.state)),
+    ("Unit", lambda s: s.unit),
+    ("ControlGroup", lambda s: s.control_group),
+    ("MainPID", lambda s: s.main_pid),
+    ("Endpoint", lambda s: s.endpoint),
+    ("MemoryMax", lambda s: s.memory_max),
+    ("LastUsed", lambda s: s.last_used_us),
+    ("InFlight", lambda s: s.in_flight),
+    ("Pinned", lambda s: s.pinned),
+    ("LastError", lambda s: s.last_error),
+    ("LoadCount", lambda s: s.load_count),
+    ("Gpu", lambda s: s.gpu),
+    ("GpuMemory", lambda s: s.gpu_memory),
+)
+"""Model properties that mirror a status field, with their typed accessors."""
 
 
 def _replies_errors(fn: _F) -> _F:
@@ -402,18 +404,18 @@ class BusService:
 
     # -------------------------------------------------------- OwnerObserver interface
 
-    def on_status_changed(self, model: str, changed: dict[str, object]) -> None:
-        interface = self._models.get(model)
+    def on_status_changed(self, change: StatusChange) -> None:
+        interface = self._models.get(change.model)
         if interface is None:
             return
-        properties = {
-            _STATUS_TO_PROPERTY[key]: str(value) if key == "state" else value
-            for key, value in changed.items()
-            if key in _STATUS_TO_PROPERTY
-        }
+        properties = {}
+        for name, read in _STATUS_PROPERTIES:
+            value = read(change.after)
+            if value != read(change.before):
+                properties[name] = value
         if properties:
             interface.emit_properties_changed(properties)
-        if "state" in changed:
+        if change.state_changed:
             with contextlib.suppress(Exception):
                 self.manager.emit_properties_changed(
                     {"LoadedCount": self._supervisor.loaded_count()}

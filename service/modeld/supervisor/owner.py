@@ -19,9 +19,9 @@ import logging
 import signal
 import time
 from collections.abc import Awaitable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from modeld.config import ModelConfig
 from modeld.core.states import ModelState, check_transition
@@ -31,8 +31,8 @@ from modeld.supervisor.backend_client import BackendClient
 from modeld.supervisor.backend_run import BackendRun, OwnerContext
 from modeld.supervisor.records import BackendRecord
 from modeld.supervisor.spawn import AdoptedProcess, ExitStatus
+from modeld.supervisor.status import ModelStatus, StatusChange
 from modeld.system import journal
-from modeld.system.systemd import UINT64_MAX
 from modeld.units import format_size
 
 log = logging.getLogger(__name__)
@@ -42,29 +42,10 @@ ADOPT_HEALTH_TIMEOUT = 5.0
 _EXIT_GRACE = 0.5
 
 
-@dataclass
-class ModelStatus:
-    """The published facts about one model. Written only by its owner."""
-
-    state: ModelState = ModelState.UNLOADED
-    unit: str = ""
-    control_group: str = ""
-    main_pid: int = 0
-    endpoint: str = ""
-    memory_max: int = UINT64_MAX
-    last_used_us: int = 0
-    in_flight: int = 0
-    pinned: bool = False
-    last_error: str = ""
-    load_count: int = 0
-    gpu: str = ""
-    gpu_memory: int = 0
-
-
 class OwnerObserver(Protocol):
     """Receives what owners commit; the D-Bus adapter and sd_notify status implement it."""
 
-    def on_status_changed(self, model: str, changed: dict[str, object]) -> None: ...
+    def on_status_changed(self, change: StatusChange) -> None: ...
 
     def on_loaded(self, model: str) -> None: ...
 
@@ -320,14 +301,12 @@ class ModelOwner:
                 if not self.status.state.occupies_slot:
                     self._set(memory_max=config.memory_max)
 
-    def _set(self, **changes: object) -> None:
-        changed = {}
-        for key, value in changes.items():
-            if getattr(self.status, key) != value:
-                setattr(self.status, key, value)
-                changed[key] = value
-        if changed:
-            self._observer.on_status_changed(self.name, changed)
+    def _set(self, **changes: Any) -> None:
+        before = self.status
+        after = replace(before, **changes)
+        if after != before:
+            self.status = after
+            self._observer.on_status_changed(StatusChange(self.name, before, after))
 
     def _set_state(self, state: ModelState, **changes: object) -> None:
         old = self.status.state

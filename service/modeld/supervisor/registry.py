@@ -23,9 +23,10 @@ from modeld.naming import SLICE, UNIT_PREFIX, parse_scope_name, unit_escape
 from modeld.supervisor.admission import Admission, DecideFunction
 from modeld.supervisor.backend_client import BackendClient
 from modeld.supervisor.backend_run import OwnerContext
-from modeld.supervisor.owner import ModelOwner, ModelStatus, OwnerObserver
+from modeld.supervisor.owner import ModelOwner, OwnerObserver
 from modeld.supervisor.pressure_relief import PressureRelief
 from modeld.supervisor.records import RecordStore
+from modeld.supervisor.status import ModelStatus, StatusChange
 from modeld.system.cgroup import CgroupLayout
 from modeld.system.gpu import GpuProbe, NullProbe
 from modeld.system.inotify import DirectoryWatch
@@ -234,10 +235,15 @@ class Supervisor:
 
     # ------------------------------------------------ OwnerObserver (fan-out)
 
-    def on_status_changed(self, model: str, changed: dict[str, object]) -> None:
-        if "state" in changed or "in_flight" in changed or "pinned" in changed:
+    def on_status_changed(self, change: StatusChange) -> None:
+        before, after = change.before, change.after
+        if (before.state, before.in_flight, before.pinned) != (
+            after.state,
+            after.in_flight,
+            after.pinned,
+        ):
             self._admission.state_changed()
-        self._observer.on_status_changed(model, changed)
+        self._observer.on_status_changed(change)
 
     def on_loaded(self, model: str) -> None:
         self._observer.on_loaded(model)
