@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from modeld.core.pressure import Hysteresis, stall_percent
 from modeld.system.pressure import (
-    Hysteresis,
     PressureReading,
     PressureTrigger,
     PriReader,
@@ -28,10 +28,6 @@ from modeld.system.pressure import (
 PROC_MEMORY = Path("/proc/pressure/memory")
 LOAD_HELPER = Path(__file__).resolve().parent.parent / "pressure_load.py"
 needs_psi = pytest.mark.skipif(not PROC_MEMORY.exists(), reason="kernel without PSI")
-
-
-def reading(some: float) -> PressureReading:
-    return PressureReading(some_avg10=some, full_avg10=0.0, some_total_us=0)
 
 
 # read_pressure
@@ -352,17 +348,17 @@ def test_real_memory_pressure_fires_the_triggers(tmp_path: Path) -> None:
 def test_hysteresis_starts_continues_and_stops() -> None:
     h = Hysteresis(high=10.0, low=5.0)
     assert not h.relieving
-    assert not h.should_continue(reading(50.0))  # no trigger yet
+    assert not h.should_continue(50.0)  # no trigger yet
     h.start()
     assert h.relieving
-    assert h.should_continue(reading(12.0))
-    assert h.should_continue(reading(7.0))  # between low and high: keep going
-    assert h.should_continue(reading(5.0))  # at low: keep going
-    assert not h.should_continue(reading(4.99))
+    assert h.should_continue(12.0)
+    assert h.should_continue(7.0)  # between low and high: keep going
+    assert h.should_continue(5.0)  # at low: keep going
+    assert not h.should_continue(4.99)
     assert not h.relieving
-    assert not h.should_continue(reading(30.0))  # needs a new start()
+    assert not h.should_continue(30.0)  # needs a new start()
     h.start()
-    assert h.should_continue(reading(30.0))
+    assert h.should_continue(30.0)
 
 
 def test_hysteresis_trigger_threshold_matches_high() -> None:
@@ -372,3 +368,10 @@ def test_hysteresis_trigger_threshold_matches_high() -> None:
 def test_hysteresis_rejects_inverted_levels() -> None:
     with pytest.raises(ValueError):
         Hysteresis(high=5.0, low=10.0)
+
+
+def test_stall_percent_is_the_share_of_the_window_spent_stalled() -> None:
+    assert stall_percent(1_000, 201_000, 2_000_000) == 10.0
+    assert stall_percent(5_000, 5_000, 2_000_000) == 0.0
+    assert stall_percent(9_000, 1_000, 2_000_000) == 0.0  # a counter reset is no stall
+    assert stall_percent(0, 100, 0) == 0.0

@@ -393,7 +393,7 @@ class BusService:
                 await self._authorizer.check("set MaxLoaded")
             except ModeldError as err:
                 raise DBusError(err.dbus_name, err.message) from None
-            self._supervisor.max_loaded = int(variant.value)
+            self._supervisor.set_max_loaded(int(variant.value))
             log.info("MaxLoaded set to %d", variant.value)
             self.manager.emit_properties_changed({"MaxLoaded": int(variant.value)})
             reply = Message.new_method_return(msg)

@@ -31,10 +31,11 @@ from modeld.supervisor.backend_client import BackendClient, build_model_options
 from modeld.supervisor.environment import backend_environment, credentials_for
 from modeld.supervisor.records import RecordStore
 from modeld.supervisor.spawn import ExitStatus, GatedProcess, WatchedProcess
+from modeld.supervisor.systemd_api import SystemdApi
 from modeld.system import journal
 from modeld.system.cgroup import CgroupLayout, OomWatch
 from modeld.system.inotify import DirectoryWatch
-from modeld.system.systemd import ScopeSpec, Systemd
+from modeld.system.systemd import ScopeSpec
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ log = logging.getLogger(__name__)
 class OwnerContext:
     """Everything an owner and its backend runs need from the rest of modeld."""
 
-    systemd: Systemd
+    systemd: SystemdApi
     cgroups: CgroupLayout
     runtime_dir: Path
     stall_timeout: float

@@ -8,6 +8,11 @@ A load runs as a sub-task of the owner so that an unload, a crash or a new reque
 handled while it is in progress; an unload and the clean-up after a crash run inline, so
 requests that arrive meanwhile simply wait in the inbox. Every transition into a settled
 state resolves the futures waiting on it.
+
+Use is counted here, from the moment a request is accepted (while it waits for the model
+or a ``parallel`` slot too) until its caller ends it, and for every open lease. An eviction
+(the scheduler making room) is refused while the model is in use or pinned unless forced;
+an explicit unload waits for the use to end unless forced.
 """
 
 from __future__ import annotations
@@ -18,12 +23,13 @@ import itertools
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
 from modeld.config import ModelConfig
+from modeld.core.effects import EvictionRefused
 from modeld.core.states import ModelState, check_transition
 from modeld.errors import LoadFailed, ModeldError
 from modeld.naming import backend_socket, scope_name
@@ -53,13 +59,22 @@ class OwnerObserver(Protocol):
 
 
 RESTART_BACKOFF_MAX = 60.0
+HEALTHY_RUN = 60.0
+"""A backend that served at least this long before it crashed restarts without backoff."""
 
 
 @dataclass
 class _Load:
-    after: tuple[Awaitable[object], ...]
+    after: Awaitable[object] | None
     gpu: str
     accepted: asyncio.Future[asyncio.Future[None]]
+
+
+@dataclass
+class _Evict:
+    reason: str
+    force: bool
+    done: asyncio.Future[None]
 
 
 @dataclass
@@ -86,7 +101,12 @@ class _SetPinned:
 
 
 @dataclass
-class _RequestStarted:
+class _RequestBegun:
+    request: int
+
+
+@dataclass
+class _RequestRunning:
     request: int
     at: float
 
@@ -94,6 +114,16 @@ class _RequestStarted:
 @dataclass
 class _RequestEnded:
     request: int
+
+
+@dataclass
+class _LeaseOpened:
+    lease: int
+
+
+@dataclass
+class _LeaseClosed:
+    lease: int
 
 
 @dataclass
@@ -122,18 +152,22 @@ class _Adopt:
 
 _Message = (
     _Load
+    | _Evict
     | _Unload
     | _Exited
     | _LoadDone
     | _SetPinned
-    | _RequestStarted
+    | _RequestBegun
+    | _RequestRunning
     | _RequestEnded
+    | _LeaseOpened
+    | _LeaseClosed
     | _Timeout
     | _GpuUsage
     | _Reconfigure
     | _Adopt
 )
-_request_ids = itertools.count(1)
+_use_ids = itertools.count(1)
 
 
 def _now_us() -> int:
@@ -162,7 +196,11 @@ class ModelOwner:
         self._load_waiters: list[asyncio.Future[None]] = []
         self._deferred_unloads: list[tuple[_Unload, asyncio.Future[None]]] = []
         self._restart_timer: asyncio.TimerHandle | None = None
-        self._requests: dict[int, float] = {}
+        self._requests: dict[int, float | None] = {}
+        """Requests counted in use: id -> when it began running on the backend (None while
+        it waits for the model or a slot). Kept across backends: the caller always ends it."""
+        self._leases: set[int] = set()
+        self._ready_at = 0.0
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._failures_in_a_row = 0
         self._task = asyncio.create_task(self._run(), name=f"owner:{config.name}")
@@ -173,21 +211,37 @@ class ModelOwner:
 
     # ----------------------------------------------------------------- thin clients
 
-    async def request_load(
-        self, after: Sequence[Awaitable[object]] = (), gpu: str = ""
-    ) -> asyncio.Future[None]:
-        """Ask for a load; returns once accepted, with a future for its completion.
+    def request_load(
+        self, after: Awaitable[object] | None = None, gpu: str = ""
+    ) -> asyncio.Future[asyncio.Future[None]]:
+        """Ask for a load; resolves once accepted, with a future for its completion.
 
         A model that is loading or ready is not started again: the caller joins the load.
-        ``after`` are awaited before a new backend starts (evictions making room); ``gpu``
-        is the device it gets (CUDA_VISIBLE_DEVICES), "" for none.
+        ``after`` is awaited before a new backend starts (the GPU giving memory back);
+        ``gpu`` is the device it gets (CUDA_VISIBLE_DEVICES), "" for none. Only the
+        scheduler asks, having made room first.
         """
         accepted: asyncio.Future[asyncio.Future[None]] = asyncio.get_running_loop().create_future()
-        self._inbox.put_nowait(_Load(tuple(after), gpu, accepted))
-        return await accepted
+        self._inbox.put_nowait(_Load(after, gpu, accepted))
+        return accepted
+
+    def evict(self, reason: str, *, force: bool = False) -> asyncio.Future[None]:
+        """Ask the owner to unload the model to make room (``reason``: lru, group, ...).
+
+        The owner decides when it handles the request: it refuses (the future raises
+        EvictionRefused) while requests are in flight or leases open, unless ``force``, and
+        always while pinned. Resolves once the model is unloaded.
+        """
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._inbox.put_nowait(_Evict(reason, force, done))
+        return done
 
     async def request_unload(self, reason: str, *, force: bool = False) -> asyncio.Future[None]:
-        """Ask for an unload; returns once accepted, with a future for its completion."""
+        """Ask for an unload; returns once accepted, with a future for its completion.
+
+        Without ``force`` the unload waits until no request is in flight and no lease open;
+        a pin does not stop it (an explicit unload, unlike an eviction).
+        """
         accepted: asyncio.Future[asyncio.Future[None]] = asyncio.get_running_loop().create_future()
         self._inbox.put_nowait(_Unload(reason, force, accepted))
         return await accepted
@@ -196,13 +250,28 @@ class ModelOwner:
         self._inbox.put_nowait(_SetPinned(pinned))
 
     def begin_request(self) -> int:
-        """Count a request (or lease) as in flight from now on; returns its id."""
-        request = next(_request_ids)
-        self._inbox.put_nowait(_RequestStarted(request, time.monotonic()))
+        """Count a request as in use from now on (while it waits for the model or a
+        ``parallel`` slot, too); returns its id. The caller must end it."""
+        request = next(_use_ids)
+        self._inbox.put_nowait(_RequestBegun(request))
         return request
+
+    def request_running(self, request: int) -> None:
+        """The request was sent to the backend: the busy timeout measures it from now."""
+        self._inbox.put_nowait(_RequestRunning(request, time.monotonic()))
 
     def end_request(self, request: int) -> None:
         self._inbox.put_nowait(_RequestEnded(request))
+
+    def open_lease(self) -> int:
+        """Count a lease (Acquire) as use until :meth:`close_lease`: the model is not
+        evicted without force, never times out as busy, and its LastUsed is refreshed."""
+        lease = next(_use_ids)
+        self._inbox.put_nowait(_LeaseOpened(lease))
+        return lease
+
+    def close_lease(self, lease: int) -> None:
+        self._inbox.put_nowait(_LeaseClosed(lease))
 
     def report_gpu_memory(self, used: int) -> None:
         """The backend's measured GPU memory (from NVML, attributed through its cgroup)."""
@@ -271,12 +340,18 @@ class ModelOwner:
         for future in (getattr(message, "accepted", None), getattr(message, "done", None)):
             if isinstance(future, asyncio.Future) and not future.done():
                 future.set_exception(error)
+        for _unload, done in self._deferred_unloads:
+            if not done.done():
+                done.set_exception(error)
+        self._deferred_unloads.clear()
         self._resolve_waiters(error)
 
     async def _handle(self, message: _Message) -> None:
         match message:
             case _Load():
                 self._on_load(message)
+            case _Evict():
+                await self._on_evict(message)
             case _Unload():
                 await self._on_unload(message)
             case _Exited():
@@ -286,10 +361,23 @@ class ModelOwner:
             case _SetPinned(pinned=pinned):
                 self._set(pinned=pinned)
                 self._arm_timers()
-            case _RequestStarted(request=request, at=at):
-                await self._on_request_started(request, at)
+            case _RequestBegun(request=request):
+                self._requests[request] = None
+                await self._use_changed()
+            case _RequestRunning(request=request, at=at):
+                if request in self._requests:
+                    self._requests[request] = at
+                    self._arm_timers()
             case _RequestEnded(request=request):
-                await self._on_request_ended(request)
+                if self._requests.pop(request, 0) != 0:
+                    await self._use_changed()
+            case _LeaseOpened(lease=lease):
+                self._leases.add(lease)
+                await self._use_changed()
+            case _LeaseClosed(lease=lease):
+                if lease in self._leases:
+                    self._leases.discard(lease)
+                    await self._use_changed()
             case _Timeout():
                 await self._on_timeout(message)
             case _GpuUsage(used=used):
@@ -330,7 +418,7 @@ class ModelOwner:
             self._start_load(message.after, message.gpu)
         message.accepted.set_result(done)
 
-    def _start_load(self, after: Sequence[Awaitable[object]], gpu: str) -> None:
+    def _start_load(self, after: Awaitable[object] | None, gpu: str) -> None:
         generation = self._next_generation
         self._next_generation += 1
         backend = BackendRun(
@@ -359,12 +447,11 @@ class ModelOwner:
             return
         self._inbox.put_nowait(_LoadDone(backend.generation, task.exception()))
 
-    async def _load_procedure(
-        self, backend: BackendRun, after: Sequence[Awaitable[object]]
-    ) -> None:
-        if after:
-            backend.phase = "waiting for evictions"
-            await asyncio.gather(*after, return_exceptions=True)
+    async def _load_procedure(self, backend: BackendRun, after: Awaitable[object] | None) -> None:
+        if after is not None:
+            backend.phase = "waiting for GPU memory"
+            with contextlib.suppress(Exception):
+                await after
         await backend.launch(
             self.config,
             self._context,
@@ -389,6 +476,7 @@ class ModelOwner:
             log.info("model %s: loaded in %s", self.name, backend.timings())
             state = ModelState.BUSY if self.status.in_flight else ModelState.READY
             self._set_state(state, load_count=self.status.load_count + 1, last_used_us=_now_us())
+            self._ready_at = time.monotonic()
             self._save_record(backend)
             self._arm_timers()
             self._resolve_waiters(None)
@@ -466,6 +554,7 @@ class ModelOwner:
             return False
         log.info("model %s: re-adopted %s (pid %d)", self.name, record.unit, record.pid)
         self._set_state(ModelState.READY, last_used_us=_now_us())
+        self._ready_at = time.monotonic()
         self._arm_timers()
         self._observer.on_loaded(self.name)
         return True
@@ -529,6 +618,8 @@ class ModelOwner:
         Only a backend that crashed after it was ready is restarted: one that cannot load
         would only crash in a loop, so that stays ``failed`` for a person to look at.
         """
+        if time.monotonic() - self._ready_at >= HEALTHY_RUN:
+            self._failures_in_a_row = 0
         delay = min(RESTART_BACKOFF_MAX, 2.0**self._failures_in_a_row)
         self._failures_in_a_row += 1
         log.info("model %s: restarting in %.0f s (restart=on-failure)", self.name, delay)
@@ -545,13 +636,10 @@ class ModelOwner:
         """Stop everything of ``backend`` and clear what the model published about it;
         returns the scope's Result when it had one."""
         result = await backend.stop(self._context)
-        self._requests.clear()
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
-        self._set(
-            unit="", control_group="", main_pid=0, endpoint="", in_flight=0, gpu="", gpu_memory=0
-        )
+        self._set(unit="", control_group="", main_pid=0, endpoint="", gpu="", gpu_memory=0)
         return result
 
     # ----------------------------------------------------------------------- unload
@@ -568,13 +656,45 @@ class ModelOwner:
             done.set_result(None)
             message.accepted.set_result(done)
             return
-        if state.serving and self.status.in_flight > 0 and not message.force:
+        if state.serving and self._in_use and not message.force:
             self._deferred_unloads.append((message, done))
             message.accepted.set_result(done)
             return
         message.accepted.set_result(done)
         await self._unload_now(backend, message.reason)
         done.set_result(None)
+
+    async def _on_evict(self, message: _Evict) -> None:
+        backend = self._backend
+        if backend is None or not self.status.state.occupies_slot:
+            message.done.set_result(None)
+            return
+        refusal = self._eviction_refusal(message.force)
+        if refusal:
+            message.done.set_exception(EvictionRefused(f"{self.name} {refusal}"))
+            return
+        self._cancel_restart()
+        await self._unload_now(backend, message.reason)
+        message.done.set_result(None)
+
+    def _eviction_refusal(self, force: bool) -> str:
+        """Why this model may not be evicted now ("" if it may)."""
+        if self.status.pinned:
+            return "is pinned"
+        if force:
+            return ""
+        if self.status.state is ModelState.LOADING:
+            return "is still loading"
+        uses = []
+        if self._requests:
+            uses.append(f"{len(self._requests)} request(s) in flight")
+        if self._leases:
+            uses.append(f"{len(self._leases)} lease(s) open")
+        return "has " + " and ".join(uses) if uses else ""
+
+    @property
+    def _in_use(self) -> bool:
+        return bool(self._requests or self._leases)
 
     async def _unload_now(self, backend: BackendRun, reason: str, *, kill: bool = False) -> None:
         """Stop ``backend``: Free (best effort) then stop its scope; ``kill`` skips Free and
@@ -599,16 +719,8 @@ class ModelOwner:
 
     # -------------------------------------------------- requests, idle and busy timers
 
-    async def _on_request_started(self, request: int, at: float) -> None:
-        self._requests[request] = at
-        await self._requests_changed()
-
-    async def _on_request_ended(self, request: int) -> None:
-        if self._requests.pop(request, None) is not None:
-            await self._requests_changed()
-
-    async def _requests_changed(self) -> None:
-        in_flight = len(self._requests)
+    async def _use_changed(self) -> None:
+        in_flight = len(self._requests) + len(self._leases)
         state = self.status.state
         self._set(in_flight=in_flight, last_used_us=_now_us())
         if state is ModelState.READY and in_flight > 0:
@@ -621,8 +733,9 @@ class ModelOwner:
             await self._unload_now(self._backend, unload.reason)
 
     def _arm_timers(self) -> None:
-        """(Re)arm the idle timer (ready, nothing in flight, not pinned) and the busy timer
-        (runs from the oldest request in flight)."""
+        """(Re)arm the idle timer (ready, not in use, not pinned) and the busy timer (runs
+        from the oldest request running on the backend; waiting requests and leases are use,
+        not work, so they never time out as busy)."""
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
@@ -631,11 +744,12 @@ class ModelOwner:
             return
         loop = asyncio.get_running_loop()
         idle, busy = self.config.idle_timeout, self.config.busy_timeout
-        if not self._requests and idle > 0 and not self.status.pinned:
+        if not self._in_use and idle > 0 and not self.status.pinned:
             message = _Timeout("idle", backend.generation)
             self._timers["idle"] = loop.call_later(idle, self._inbox.put_nowait, message)
-        if self._requests and busy > 0:
-            oldest = min(self._requests.values())
+        running = [at for at in self._requests.values() if at is not None]
+        if running and busy > 0:
+            oldest = min(running)
             delay = max(0.0, oldest + busy - time.monotonic())
             message = _Timeout("busy", backend.generation)
             self._timers["busy"] = loop.call_later(delay, self._inbox.put_nowait, message)
@@ -645,12 +759,12 @@ class ModelOwner:
         if backend is None or backend.generation != message.generation:
             return
         if message.kind == "idle":
-            idle = self.status.state is ModelState.READY and not self._requests
+            idle = self.status.state is ModelState.READY and not self._in_use
             if idle and not self.status.pinned:
                 log.info("model %s: idle for %gs", self.name, self.config.idle_timeout)
                 await self._unload_now(backend, "idle")
             return
-        oldest = min(self._requests.values(), default=None)
+        oldest = min((at for at in self._requests.values() if at is not None), default=None)
         busy_for = time.monotonic() - oldest if oldest is not None else 0.0
         if oldest is None or busy_for < self.config.busy_timeout:
             self._arm_timers()

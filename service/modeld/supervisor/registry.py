@@ -1,7 +1,8 @@
-"""The supervisor: one owner per configured model; it routes requests to them.
+"""The supervisor: one owner per configured model, one scheduler; it routes requests.
 
-Loads go through :mod:`modeld.supervisor.admission` (the eviction engine); requests are
-counted in flight through the owners while they are served.
+Loads go through :mod:`modeld.supervisor.scheduler` (admission by the eviction engine, and
+memory pressure relief), which acts on the owners only through :class:`OwnerEffects`;
+requests and leases are counted as use by the owners while they last.
 """
 
 from __future__ import annotations
@@ -11,29 +12,59 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import AsyncIterator, Awaitable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping
 from dataclasses import dataclass
 
 from modeld.config import Config, ModelConfig
-from modeld.core.eviction import Limits, decide_load
+from modeld.core.eviction import decide_load
 from modeld.core.states import ModelState
 from modeld.discovery import BackendIndex, discover_backends, effective_backend_dirs
 from modeld.errors import LoadFailed, ModeldError, NoSuchBackend, NoSuchModel, SystemdError
 from modeld.naming import SLICE, UNIT_PREFIX, parse_scope_name, unit_escape
-from modeld.supervisor.admission import Admission, DecideFunction
 from modeld.supervisor.backend_client import BackendClient
 from modeld.supervisor.backend_run import OwnerContext
+from modeld.supervisor.measurements import HostMeasurements
 from modeld.supervisor.owner import ModelOwner, OwnerObserver
-from modeld.supervisor.pressure_relief import PressureRelief
 from modeld.supervisor.records import RecordStore
+from modeld.supervisor.scheduler import DecideFunction, Scheduler, SchedulerPolicy
 from modeld.supervisor.status import ModelStatus, StatusChange
+from modeld.supervisor.systemd_api import SystemdApi
 from modeld.system.cgroup import CgroupLayout
 from modeld.system.gpu import GpuProbe, NullProbe
 from modeld.system.inotify import DirectoryWatch
-from modeld.system.pressure import pressure_file
-from modeld.system.systemd import Systemd
+from modeld.system.pressure import PressureTrigger, pressure_file, read_pressure
 
 log = logging.getLogger(__name__)
+
+
+PRESSURE_WINDOW_US = 2_000_000
+"""The PSI trigger window: 2 s is the shortest one allowed without CAP_SYS_RESOURCE."""
+
+
+class OwnerEffects:
+    """The scheduler's effects (:class:`modeld.core.effects.SchedulerEffects`) on owners."""
+
+    def __init__(self, owners: Mapping[str, ModelOwner]) -> None:
+        self._owners = owners
+
+    def _owner(self, name: str) -> ModelOwner:
+        owner = self._owners.get(name)
+        if owner is None:
+            raise NoSuchModel(f"model {name!r} was removed")
+        return owner
+
+    def evict(self, name: str, reason: str, force: bool) -> asyncio.Future[None]:
+        return self._owner(name).evict(reason, force=force)
+
+    def start_load(
+        self, name: str, gpu: str, after: Awaitable[object] | None
+    ) -> asyncio.Future[asyncio.Future[None]]:
+        return self._owner(name).request_load(after=after, gpu=gpu)
+
+    def report_gpu_memory(self, name: str, used: int) -> None:
+        owner = self._owners.get(name)
+        if owner is not None:
+            owner.report_gpu_memory(used)
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,13 +81,14 @@ class Supervisor:
     def __init__(
         self,
         config: Config,
-        systemd: Systemd,
+        systemd: SystemdApi,
         observer: OwnerObserver,
         *,
         cgroups: CgroupLayout | None = None,
         default_user: str | None = None,
         gpu: GpuProbe | None = None,
         decide: DecideFunction = decide_load,
+        watch_pressure: bool = True,
     ) -> None:
         self.config = config
         self._systemd = systemd
@@ -65,15 +97,23 @@ class Supervisor:
         self._default_user = default_user
         self._owners: dict[str, ModelOwner] = {}
         self.gpu = gpu or NullProbe()
-        self._admission = Admission(self._owners, self._cgroups, self.gpu, decide)
+        self._pressure_path = pressure_file("/" + SLICE) if watch_pressure else None
+        path = self._pressure_path
+        self.max_loaded = config.daemon.max_loaded
+        self._scheduler = Scheduler(
+            OwnerEffects(self._owners),
+            HostMeasurements(self._cgroups, self.gpu),
+            SchedulerPolicy.from_daemon(config.daemon),
+            read_pressure=(lambda: read_pressure(path)) if path is not None else None,
+            decide=decide,
+        )
         self._parallel: dict[str, tuple[int, asyncio.Semaphore]] = {}
-        self.pressure: PressureRelief | None = None
+        self.pressure: PressureTrigger | None = None
         self._generations: dict[str, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.backends: BackendIndex = discover_backends(
             effective_backend_dirs(config.daemon.backends_dirs)
         )
-        self.max_loaded = config.daemon.max_loaded
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -92,14 +132,28 @@ class Supervisor:
         self._start_pressure_relief()
 
     def _start_pressure_relief(self) -> None:
-        path = pressure_file("/" + SLICE)
+        """A PSI trigger on modeld.slice wakes the scheduler, which unloads idle models."""
+        path = self._pressure_path
         if path is None:
             log.info("no PSI memory pressure file: pressure relief is off")
             return
         try:
-            self.pressure = PressureRelief(path, self._owners)
+            self.pressure = PressureTrigger(
+                path,
+                stall_us=self._scheduler.hysteresis.stall_us(PRESSURE_WINDOW_US),
+                window_us=PRESSURE_WINDOW_US,
+                on_pressure=self._scheduler.pressure,
+                on_gone=lambda: log.warning("%s is gone: pressure relief is off", path),
+            )
         except OSError as err:
             log.warning("cannot watch %s for memory pressure (%s): relief is off", path, err)
+            return
+        log.info(
+            "memory pressure relief on %s (trigger: %d ms of stall per %d s)",
+            path,
+            self.pressure.stall_us // 1000,
+            self.pressure.window_us // 1_000_000,
+        )
 
     async def _apply_memory_budget(self) -> None:
         """The budget for all backends together is also the limit of modeld.slice."""
@@ -162,43 +216,49 @@ class Supervisor:
             last_generation=self._generations.get(unit_escape(model.name), 0),
         )
         self._owners[model.name] = owner
+        self._scheduler.track(model, owner.status)
         return owner
 
     async def shutdown(self) -> None:
         """Stop every backend (reason ``shutdown``) and end the owners."""
-        self._stop_background()
+        await self._stop_background()
         await asyncio.gather(*(owner.close() for owner in self._owners.values()))
 
-    def _stop_background(self) -> None:
+    async def _stop_background(self) -> None:
         if self.pressure is not None:
             self.pressure.close()
+        await self._scheduler.close()
         for task in list(self._tasks):
             task.cancel()
         self._sockets.close()
 
     async def detach(self) -> None:
         """End the owners but leave every backend running (modeld is being restarted)."""
-        self._stop_background()
+        await self._stop_background()
         await asyncio.gather(*(owner.detach() for owner in self._owners.values()))
 
     async def reload(self, config: Config) -> tuple[list[str], list[str]]:
         """Switch to ``config``: returns (added, removed) model names.
 
         Removed models are unloaded first; changed models use their new settings from
-        their next load on.
+        their next load on. ``max_loaded`` goes back to the configured value: a runtime
+        ``MaxLoaded`` write lasts until the next reload.
         """
         removed = [name for name in self._owners if name not in config.models]
         added = [name for name in config.models if name not in self._owners]
         for name in removed:
+            self._scheduler.forget(name)
             owner = self._owners.pop(name)
             await owner.close()
         self.config = config
         self.max_loaded = config.daemon.max_loaded
+        self._scheduler.set_policy(SchedulerPolicy.from_daemon(config.daemon))
         await self._apply_memory_budget()
         self.backends = discover_backends(effective_backend_dirs(config.daemon.backends_dirs))
         for name, model in config.models.items():
             if name in self._owners:
                 self._owners[name].reconfigure(model)
+                self._scheduler.track(model)
             else:
                 self._add_owner(model)
         return added, removed
@@ -236,19 +296,11 @@ class Supervisor:
     # ------------------------------------------------ OwnerObserver (fan-out)
 
     def on_status_changed(self, change: StatusChange) -> None:
-        before, after = change.before, change.after
-        if (before.state, before.in_flight, before.pinned) != (
-            after.state,
-            after.in_flight,
-            after.pinned,
-        ):
-            self._admission.state_changed()
+        self._scheduler.status_changed(change)
         self._observer.on_status_changed(change)
 
     def on_loaded(self, model: str) -> None:
         self._observer.on_loaded(model)
-        if self._owners[model].status.gpu:
-            self._spawn(self._admission.gpu_snapshot(), f"gpu-usage:{model}")
 
     def on_unloaded(self, model: str, reason: str) -> None:
         self._observer.on_unloaded(model, reason)
@@ -270,12 +322,6 @@ class Supervisor:
         ``eviction_retries * eviction_retry_interval``, then fails with Busy.
         """
         daemon = self.config.daemon
-        limits = Limits(
-            max_loaded=self.max_loaded,
-            memory_budget=daemon.memory_budget,
-            force_busy=force or daemon.force_eviction_when_busy,
-        )
-        patience = daemon.eviction_retries * daemon.eviction_retry_interval
         owner = self.owner(name)
         backend = owner.config.backend
         if self.backends.resolve(backend) is None:
@@ -283,7 +329,14 @@ class Supervisor:
                 f"model {name} uses backend {backend!r}, which is not installed in"
                 f" {', '.join(str(d) for d in effective_backend_dirs(daemon.backends_dirs))}"
             )
-        return await self._admission.admit(owner, limits, patience)
+        return asyncio.ensure_future(await self._scheduler.load(name, force=force))
+
+    def set_max_loaded(self, value: int) -> None:
+        """Cap loaded models at ``value`` (0: no cap) until the next reload."""
+        self.max_loaded = value
+        self._scheduler.set_policy(
+            SchedulerPolicy.from_daemon(self.config.daemon, max_loaded=value)
+        )
 
     def _restart(self, name: str) -> None:
         """Load ``name`` again after a crash, through admission like any other load."""
@@ -315,29 +368,31 @@ class Supervisor:
     async def serving(self, name: str) -> AsyncIterator[BackendClient]:
         """Serve one request: load ``name`` if needed and count the request in flight.
 
-        The request counts from the moment it is accepted (so the model is not evicted
-        while the request waits for it) until the block ends.
+        The request counts as use from the moment it is accepted (so the model is not
+        evicted while the request waits for it or for a ``parallel`` slot) until the block
+        ends; the busy timeout measures it from when it gets its slot.
         """
-        owner = self.owner(name)
-        async with self._semaphore(owner):
-            request = owner.begin_request()
-            try:
-                await (await self.load(name))
-                client = owner.client
-                if client is None:
-                    raise LoadFailed(f"{name} went away before the request could be served")
-                yield client
-            finally:
-                owner.end_request(request)
-
-    async def acquire(self, name: str) -> Lease:
-        """Load ``name`` if needed and hand out a lease fd that keeps it in use."""
         owner = self.owner(name)
         request = owner.begin_request()
         try:
             await (await self.load(name))
-        except BaseException:
+            async with self._semaphore(owner):
+                client = owner.client
+                if client is None:
+                    raise LoadFailed(f"{name} went away before the request could be served")
+                owner.request_running(request)
+                yield client
+        finally:
             owner.end_request(request)
+
+    async def acquire(self, name: str) -> Lease:
+        """Load ``name`` if needed and hand out a lease fd that keeps it in use."""
+        owner = self.owner(name)
+        lease = owner.open_lease()
+        try:
+            await (await self.load(name))
+        except BaseException:
+            owner.close_lease(lease)
             raise
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         ours.setblocking(False)
@@ -349,7 +404,7 @@ class Supervisor:
                     return
             loop.remove_reader(ours.fileno())
             ours.close()
-            owner.end_request(request)
+            owner.close_lease(lease)
 
         loop.add_reader(ours.fileno(), on_released)
         return Lease(endpoint=owner.status.endpoint, client_fd=theirs.detach())

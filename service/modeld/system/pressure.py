@@ -254,39 +254,3 @@ class PressureTrigger:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-
-
-class Hysteresis:
-    """Pure: decides whether to keep relieving memory pressure.
-
-    ``high`` (percent of ``some`` stall time) starts relief: a trigger set to
-    ``stall_us(window_us)`` fires at that level and the owner calls ``start()``. Relief goes on
-    while ``some_avg10`` stays at or above ``low`` and stops below it; afterwards
-    ``should_continue`` is False until the next ``start()``.
-    """
-
-    def __init__(self, *, high: float = 10.0, low: float = 5.0) -> None:
-        if not 0.0 <= low <= high <= 100.0:
-            raise ValueError(f"need 0 <= low <= high <= 100, got low={low} high={high}")
-        self.high = high
-        self.low = low
-        self._relieving = False
-
-    @property
-    def relieving(self) -> bool:
-        return self._relieving
-
-    def stall_us(self, window_us: int) -> int:
-        """The trigger stall threshold for ``window_us`` that corresponds to ``high``."""
-        return max(1, round(window_us * self.high / 100.0))
-
-    def start(self) -> None:
-        """A trigger fired: relieving from now on."""
-        self._relieving = True
-
-    def should_continue(self, reading: PressureReading) -> bool:
-        """True while relieving and ``reading.some_avg10 >= low``; the first reading below
-        ``low`` ends relief."""
-        if self._relieving and reading.some_avg10 < self.low:
-            self._relieving = False
-        return self._relieving
