@@ -100,14 +100,17 @@ class Daemon:
         task.add_done_callback(self._tasks.discard)
 
     async def run(self) -> int:
-        from modeld.bus.connection import BusType, NameFlag, RequestNameReply, connect
+        from modeld.bus.connection import ModeldMessageBus
         from modeld.http.app import HttpServer
         from modeld.system.activation import bind_unix_socket, take_listen_sockets
+        from modeld.system.dbus import BusType, NameFlag, RequestNameReply, connect
         from modeld.system.systemd import Systemd
 
         started = time.monotonic()
         sockets = take_listen_sockets()
-        bus = await connect(BusType.SESSION if self._args.user else BusType.SYSTEM)
+        bus = await connect(
+            ModeldMessageBus, BusType.SESSION if self._args.user else BusType.SYSTEM
+        )
         systemd = Systemd(bus)
         await systemd.subscribe()
         user = default_backend_user(self._config.daemon.backend_user or None)

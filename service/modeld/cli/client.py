@@ -13,20 +13,23 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from dbus_next.aio.message_bus import MessageBus
-from dbus_next.constants import BusType, MessageType
-from dbus_next.message import Message
-from dbus_next.signature import Variant
-
 from modeld.cli.errors import CliError
 from modeld.naming import MANAGER_PATH
+from modeld.system.dbus import (
+    DBUS_INTERFACE,
+    DBUS_NAME,
+    DBUS_PATH,
+    PROPERTIES_INTERFACE,
+    BusType,
+    Message,
+    MessageBus,
+    MessageType,
+    Variant,
+)
 
 BUS_NAME = "org.modeld1"
 MANAGER_IFACE = "org.modeld1.Manager"
 MODEL_IFACE = "org.modeld1.Model"
-PROPERTIES_IFACE = "org.freedesktop.DBus.Properties"
-DBUS_NAME = "org.freedesktop.DBus"
-DBUS_PATH = "/org/freedesktop/DBus"
 
 NO_SERVER = "org.freedesktop.DBus.Error.NoServer"
 DISCONNECTED = "org.freedesktop.DBus.Error.Disconnected"
@@ -159,14 +162,14 @@ class Client:
         return CliError(name, text)
 
     async def add_match(self, rule: str) -> None:
-        await self.call(DBUS_PATH, DBUS_NAME, "AddMatch", "s", [rule], destination=DBUS_NAME)
+        await self.call(DBUS_PATH, DBUS_INTERFACE, "AddMatch", "s", [rule], destination=DBUS_NAME)
 
     async def get_all(self, path: str, interface: str) -> tuple[dict[str, Any], int]:
         """All properties of ``interface`` at ``path`` and the reply's serial.
 
         The serial orders the snapshot against signals from the same sender.
         """
-        reply = await self.call(path, PROPERTIES_IFACE, "GetAll", "s", [interface])
+        reply = await self.call(path, PROPERTIES_INTERFACE, "GetAll", "s", [interface])
         props = {str(k): unwrap(v) for k, v in reply.body[0].items()}
         return props, reply.serial
 
@@ -257,10 +260,10 @@ class ModelWatch:
         self._disconnect_task = asyncio.create_task(self._watch_disconnect())
         await self._client.add_match(
             f"type='signal',sender='{BUS_NAME}',path='{self._path}',"
-            f"interface='{PROPERTIES_IFACE}',member='PropertiesChanged',arg0='{MODEL_IFACE}'"
+            f"interface='{PROPERTIES_INTERFACE}',member='PropertiesChanged',arg0='{MODEL_IFACE}'"
         )
         await self._client.add_match(
-            f"type='signal',sender='{DBUS_NAME}',path='{DBUS_PATH}',interface='{DBUS_NAME}',"
+            f"type='signal',sender='{DBUS_NAME}',path='{DBUS_PATH}',interface='{DBUS_INTERFACE}',"
             f"member='NameOwnerChanged',arg0='{BUS_NAME}'"
         )
 
@@ -288,7 +291,7 @@ class ModelWatch:
             return
         if (
             msg.member == "PropertiesChanged"
-            and msg.interface == PROPERTIES_IFACE
+            and msg.interface == PROPERTIES_INTERFACE
             and msg.path == self._path
             and msg.sender == self._owner
             and msg.body
@@ -298,7 +301,7 @@ class ModelWatch:
             self._queue.put_nowait(Change(msg.serial, changed, [str(p) for p in msg.body[2]]))
         elif (
             msg.member == "NameOwnerChanged"
-            and msg.interface == DBUS_NAME
+            and msg.interface == DBUS_INTERFACE
             and msg.sender == DBUS_NAME
             and msg.body
             and msg.body[0] == BUS_NAME

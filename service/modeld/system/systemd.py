@@ -14,8 +14,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from modeld.bus.connection import DBusError, Message, MessageBus, MessageType, Variant, call
 from modeld.errors import SystemdError
+from modeld.system.dbus import (
+    DBUS_INTERFACE,
+    DBUS_NAME,
+    DBUS_PATH,
+    PROPERTIES_INTERFACE,
+    DBusError,
+    Message,
+    MessageBus,
+    MessageType,
+    Variant,
+    call,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,14 +72,14 @@ class Systemd:
         self._bus.add_message_handler(self._on_message)
         await call(
             self._bus,
-            "org.freedesktop.DBus",
-            "/org/freedesktop/DBus",
-            "org.freedesktop.DBus",
+            DBUS_NAME,
+            DBUS_PATH,
+            DBUS_INTERFACE,
             "AddMatch",
             "s",
             [
                 f"type='signal',sender='{SYSTEMD}',interface='{MANAGER}',"
-                "member='JobRemoved',path='/org/freedesktop/systemd1'"
+                f"member='JobRemoved',path='{SYSTEMD_PATH}'"
             ],
         )
         await self._manager("Subscribe")
@@ -194,7 +205,7 @@ class Systemd:
                 self._bus,
                 SYSTEMD,
                 unit_path,
-                "org.freedesktop.DBus.Properties",
+                PROPERTIES_INTERFACE,
                 "Get",
                 "ss",
                 ["org.freedesktop.systemd1.Unit", "Job"],
@@ -206,7 +217,7 @@ class Systemd:
                 self._bus,
                 SYSTEMD,
                 job_path,
-                "org.freedesktop.DBus.Properties",
+                PROPERTIES_INTERFACE,
                 "Get",
                 "ss",
                 ["org.freedesktop.systemd1.Job", "JobType"],
@@ -222,7 +233,7 @@ class Systemd:
                 self._bus,
                 SYSTEMD,
                 unit_object_path(unit),
-                "org.freedesktop.DBus.Properties",
+                PROPERTIES_INTERFACE,
                 "Get",
                 "ss",
                 [f"org.freedesktop.systemd1.{interface}", name],
