@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from modeld.errors import SystemdError
+from modeld.naming import bus_path_escape
 from modeld.system.dbus import (
     DBUS_INTERFACE,
     DBUS_NAME,
@@ -52,11 +53,8 @@ class ScopeSpec:
 
 
 def unit_object_path(unit: str) -> str:
-    out = []
-    for byte in unit.encode():
-        char = chr(byte)
-        out.append(char if char.isascii() and char.isalnum() else f"_{byte:02x}")
-    return "/org/freedesktop/systemd1/unit/" + "".join(out)
+    """systemd's object path of ``unit`` (escaped like sd_bus_path_encode)."""
+    return f"{SYSTEMD_PATH}/unit/{bus_path_escape(unit)}"
 
 
 class Systemd:
