@@ -23,6 +23,7 @@ import psutil
 from modeld import __version__
 from modeld.config import Config, ConfigError, load_config
 from modeld.errors import InvalidConfig
+from modeld.naming import BUS_NAME
 from modeld.supervisor.environment import default_backend_user
 
 if TYPE_CHECKING:
@@ -34,7 +35,6 @@ log = logging.getLogger("modeld")
 
 EXIT_CONFIG = 78
 RESTART_JOBS = frozenset({"restart", "try-restart", "reload-or-restart"})
-BUS_NAME = "org.modeld1"
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:

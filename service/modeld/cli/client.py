@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from modeld.cli.errors import CliError
-from modeld.naming import MANAGER_PATH
+from modeld.naming import BUS_NAME, MANAGER_INTERFACE, MANAGER_PATH, MODEL_INTERFACE
 from modeld.system.dbus import (
     DBUS_INTERFACE,
     DBUS_NAME,
@@ -26,10 +26,6 @@ from modeld.system.dbus import (
     MessageType,
     Variant,
 )
-
-BUS_NAME = "org.modeld1"
-MANAGER_IFACE = "org.modeld1.Manager"
-MODEL_IFACE = "org.modeld1.Model"
 
 NO_SERVER = "org.freedesktop.DBus.Error.NoServer"
 DISCONNECTED = "org.freedesktop.DBus.Error.Disconnected"
@@ -176,15 +172,15 @@ class Client:
     # -- org.modeld1.Manager -----------------------------------------------------------
 
     async def manager_properties(self) -> dict[str, Any]:
-        return (await self.get_all(MANAGER_PATH, MANAGER_IFACE))[0]
+        return (await self.get_all(MANAGER_PATH, MANAGER_INTERFACE))[0]
 
     async def list_models(self) -> list[ModelRef]:
-        reply = await self.call(MANAGER_PATH, MANAGER_IFACE, "ListModels")
+        reply = await self.call(MANAGER_PATH, MANAGER_INTERFACE, "ListModels")
         return [ModelRef(*(str(v) for v in row)) for row in reply.body[0]]
 
     async def get_model(self, name: str) -> tuple[str, str]:
         """The model's object path and the unique bus name of the modeld that answered."""
-        reply = await self.call(MANAGER_PATH, MANAGER_IFACE, "GetModel", "s", [name])
+        reply = await self.call(MANAGER_PATH, MANAGER_INTERFACE, "GetModel", "s", [name])
         return str(reply.body[0]), reply.sender
 
     async def load(self, name: str, *, wait: bool = False, force: bool = False) -> str:
@@ -195,7 +191,7 @@ class Client:
             options["force"] = Variant("b", True)
         reply = await self.call(
             MANAGER_PATH,
-            MANAGER_IFACE,
+            MANAGER_INTERFACE,
             "Load",
             "sa{sv}",
             [name, options],
@@ -207,7 +203,7 @@ class Client:
         options = {"force": Variant("b", True)} if force else {}
         await self.call(
             MANAGER_PATH,
-            MANAGER_IFACE,
+            MANAGER_INTERFACE,
             "Unload",
             "sa{sv}",
             [name, options],
@@ -215,15 +211,15 @@ class Client:
         )
 
     async def reload(self) -> None:
-        await self.call(MANAGER_PATH, MANAGER_IFACE, "Reload")
+        await self.call(MANAGER_PATH, MANAGER_INTERFACE, "Reload")
 
     # -- org.modeld1.Model -------------------------------------------------------------
 
     async def model_properties(self, path: str) -> dict[str, Any]:
-        return (await self.get_all(path, MODEL_IFACE))[0]
+        return (await self.get_all(path, MODEL_INTERFACE))[0]
 
     async def set_pinned(self, path: str, pinned: bool) -> None:
-        await self.call(path, MODEL_IFACE, "SetPinned", "b", [pinned])
+        await self.call(path, MODEL_INTERFACE, "SetPinned", "b", [pinned])
 
     async def watch_model(self, path: str, owner: str) -> ModelWatch:
         """Subscribe to the model's PropertiesChanged (and to modeld leaving the bus).
@@ -260,7 +256,7 @@ class ModelWatch:
         self._disconnect_task = asyncio.create_task(self._watch_disconnect())
         await self._client.add_match(
             f"type='signal',sender='{BUS_NAME}',path='{self._path}',"
-            f"interface='{PROPERTIES_INTERFACE}',member='PropertiesChanged',arg0='{MODEL_IFACE}'"
+            f"interface='{PROPERTIES_INTERFACE}',member='PropertiesChanged',arg0='{MODEL_INTERFACE}'"
         )
         await self._client.add_match(
             f"type='signal',sender='{DBUS_NAME}',path='{DBUS_PATH}',interface='{DBUS_INTERFACE}',"
@@ -295,7 +291,7 @@ class ModelWatch:
             and msg.path == self._path
             and msg.sender == self._owner
             and msg.body
-            and msg.body[0] == MODEL_IFACE
+            and msg.body[0] == MODEL_INTERFACE
         ):
             changed = {str(k): unwrap(v) for k, v in msg.body[1].items()}
             self._queue.put_nowait(Change(msg.serial, changed, [str(p) for p in msg.body[2]]))

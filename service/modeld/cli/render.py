@@ -13,6 +13,8 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from modeld.units import UINT64_MAX
+
 # D-Bus property name -> JSON key. Unknown properties fall back to snake_case().
 MODEL_KEYS: dict[str, str] = {
     "Name": "name",
@@ -112,9 +114,6 @@ def human_bytes(size: int) -> str:
                 return f"{int(shown)}{unit}"
             return f"{shown:.1f}{unit}"
     raise AssertionError("unreachable")
-
-
-UINT64_MAX = 2**64 - 1  # systemd's "infinity" for memory limits
 
 
 def size_or_dash(size: int) -> str:

@@ -34,7 +34,6 @@ log = logging.getLogger(__name__)
 SYSTEMD = "org.freedesktop.systemd1"
 SYSTEMD_PATH = "/org/freedesktop/systemd1"
 MANAGER = "org.freedesktop.systemd1.Manager"
-UINT64_MAX = 2**64 - 1
 JOB_TIMEOUT = 60.0
 
 
