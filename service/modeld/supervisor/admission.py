@@ -18,8 +18,8 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from modeld.core.eviction import Decision, GpuView, Limits, ModelView, decide_load
 from modeld.errors import Busy, InsufficientResources
 from modeld.supervisor.owner import ModelOwner
-from modeld.system.cgroup import CgroupLayout
-from modeld.system.gpu import GpuProbe, GpuState, attribute_gpu_memory, pids_in_cgroup
+from modeld.system.cgroup import CgroupLayout, pids_in_cgroup
+from modeld.system.gpu import GpuProbe, GpuState, attribute_gpu_memory
 
 log = logging.getLogger(__name__)
 

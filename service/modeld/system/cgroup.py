@@ -1,4 +1,4 @@
-"""Reading a scope's memory cgroup on cgroup v2 and on hybrid (v1 memory) hosts.
+"""Reading a scope's cgroup (memory, PIDs) on cgroup v2 and on hybrid (v1 memory) hosts.
 
 cgroup v2 is the production target; the test machines mount the memory controller on v1.
 Files read here are small in-kernel sysfs files: reads do not block.
@@ -19,6 +19,11 @@ log = logging.getLogger(__name__)
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
+def is_unified(root: Path = CGROUP_ROOT) -> bool:
+    """True on a cgroup v2 host (``root/cgroup.controllers`` exists), False on hybrid or v1."""
+    return (root / "cgroup.controllers").exists()
+
+
 @dataclass(frozen=True, slots=True)
 class CgroupLayout:
     """Where the memory controller lives and which file names it uses."""
@@ -28,7 +33,7 @@ class CgroupLayout:
 
     @classmethod
     def detect(cls, root: Path = CGROUP_ROOT) -> CgroupLayout:
-        if (root / "cgroup.controllers").exists():
+        if is_unified(root):
             return cls(memory_root=root, unified=True)
         return cls(memory_root=root / "memory", unified=False)
 
@@ -48,6 +53,39 @@ class CgroupLayout:
             return False
         counters = dict(line.split(" ", 1) for line in text.splitlines() if " " in line)
         return int(counters.get("oom_kill", 0)) > 0 or int(counters.get("under_oom", 0)) > 0
+
+
+def pids_in_cgroup(control_group: str, *, root: Path = CGROUP_ROOT) -> set[int]:
+    """The PIDs in a cgroup and its descendants (e.g. a scope's ``ControlGroup`` property).
+
+    cgroup v2 (:func:`is_unified`): the unified tree under ``root``. Hybrid or v1 hosts: the
+    first hierarchy that has the cgroup, of ``root/unified`` (systemd's cgroup2 hierarchy),
+    ``root/memory`` and ``root/systemd`` (name=systemd). A missing cgroup gives an empty set.
+    Reads small in-kernel files; does not block.
+    """
+    relative = control_group.strip("/")
+    if is_unified(root):
+        hierarchies = [root]
+    else:
+        hierarchies = [root / "unified", root / "memory", root / "systemd"]
+    for hierarchy in hierarchies:
+        directory = hierarchy / relative if relative else hierarchy
+        if (directory / "cgroup.procs").is_file():
+            return _pids_below(directory)
+    return set()
+
+
+def _pids_below(directory: Path) -> set[int]:
+    pids: set[int] = set()
+    for current, _dirs, files in os.walk(directory):
+        if "cgroup.procs" not in files:
+            continue
+        try:
+            text = Path(current, "cgroup.procs").read_text()
+        except OSError:  # the cgroup went away while walking
+            continue
+        pids.update(int(word) for word in text.split() if word.isdigit())
+    return pids
 
 
 def _read_int(path: Path) -> int | None:

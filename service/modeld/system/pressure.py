@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from modeld.system.cgroup import CGROUP_ROOT, is_unified
+
 log = logging.getLogger(__name__)
 
 UNPRIVILEGED_WINDOW_US = 2_000_000
@@ -87,18 +89,18 @@ def read_pressure(path: Path) -> PressureReading | None:
 def pressure_file(
     control_group: str,
     *,
-    cgroup_root: Path = Path("/sys/fs/cgroup"),
+    cgroup_root: Path = CGROUP_ROOT,
     proc_file: Path = Path("/proc/pressure/memory"),
 ) -> Path | None:
     """The memory PSI file to watch for ``control_group`` (e.g. ``/modeld.slice``).
 
-    cgroup v2 (``cgroup_root/cgroup.controllers`` exists): the cgroup's ``memory.pressure``.
+    cgroup v2 (:func:`~modeld.system.cgroup.is_unified`): the cgroup's ``memory.pressure``.
     Hybrid hosts: PSI is accounted on the v2 hierarchy whatever hierarchy the memory controller
     is on, so ``cgroup_root/unified/<control_group>/memory.pressure`` is used when it exists.
     Otherwise the system-wide ``proc_file``; None when there is no PSI at all (feature off).
     """
     relative = control_group.strip("/")
-    if (cgroup_root / "cgroup.controllers").exists():
+    if is_unified(cgroup_root):
         candidate = cgroup_root / relative / "memory.pressure"
     else:
         candidate = cgroup_root / "unified" / relative / "memory.pressure"
