@@ -44,7 +44,7 @@ _UNREACHABLE_PREFIXES = ("org.freedesktop.DBus.Error.Spawn.", "org.freedesktop.s
 
 CONNECT_TIMEOUT = 10.0
 CALL_TIMEOUT = 30.0
-# Unload (and Load with wait) reply only once the backend has stopped (started).
+# Unload replies only once the backend has stopped.
 LONG_CALL_TIMEOUT = 300.0
 
 
@@ -183,20 +183,9 @@ class Client:
         reply = await self.call(MANAGER_PATH, MANAGER_INTERFACE, "GetModel", "s", [name])
         return str(reply.body[0]), reply.sender
 
-    async def load(self, name: str, *, wait: bool = False, force: bool = False) -> str:
-        options: dict[str, Variant] = {}
-        if wait:
-            options["wait"] = Variant("b", True)
-        if force:
-            options["force"] = Variant("b", True)
-        reply = await self.call(
-            MANAGER_PATH,
-            MANAGER_INTERFACE,
-            "Load",
-            "sa{sv}",
-            [name, options],
-            timeout=LONG_CALL_TIMEOUT if wait else CALL_TIMEOUT,
-        )
+    async def load(self, name: str, *, force: bool = False) -> str:
+        options = {"force": Variant("b", True)} if force else {}
+        reply = await self.call(MANAGER_PATH, MANAGER_INTERFACE, "Load", "sa{sv}", [name, options])
         return str(reply.body[0])
 
     async def unload(self, name: str, *, force: bool = False) -> None:

@@ -130,13 +130,11 @@ def memory_cell(current: int, maximum: int) -> str:
     return f"{size_or_dash(current)}/{size_or_dash(maximum)}"
 
 
-def relative_time(usec: int, now: float | None = None) -> str:
+def relative_time(usec: int) -> str:
     """Microseconds since the epoch -> ``12s ago``; 0 (never) -> ``-``."""
     if not usec:
         return "-"
-    if now is None:
-        now = time.time()
-    seconds = max(0, int(now - usec / 1_000_000))
+    seconds = max(0, int(time.time() - usec / 1_000_000))
     if seconds < 60:
         return f"{seconds}s ago"
     if seconds < 3600:

@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,18 +95,15 @@ def _read_int(path: Path) -> int | None:
 
 
 class OomWatch:
-    """Calls ``on_oom`` when the kernel OOM-kills inside a cgroup (v1: eventfd notifier).
+    """Notes in ``seen`` when the kernel OOM-kills inside a cgroup (v1: eventfd notifier).
 
     On cgroup v2 systemd reports ``Result=oom-kill`` on the scope instead, so this watch
     only reads ``memory.events`` when asked.
     """
 
-    def __init__(
-        self, layout: CgroupLayout, control_group: str, on_oom: Callable[[], None] | None = None
-    ) -> None:
+    def __init__(self, layout: CgroupLayout, control_group: str) -> None:
         self._layout = layout
         self._control_group = control_group
-        self._on_oom = on_oom
         self._eventfd = -1
         self.seen = False
         """True once an OOM kill in the cgroup was observed."""
@@ -142,8 +138,6 @@ class OomWatch:
             return
         if self.check() or not self.process_exited:
             self.seen = True
-            if self._on_oom is not None:
-                self._on_oom()
 
     def check(self) -> bool:
         """Read the cgroup's OOM-kill counter now (while the cgroup still exists)."""

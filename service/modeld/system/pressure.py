@@ -34,7 +34,6 @@ import select
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from modeld.system.cgroup import CGROUP_ROOT, is_unified
 
@@ -163,7 +162,7 @@ def _round_up_window(window_us: int) -> int:
 
 class PressureTrigger:
     """A PSI trigger on ``path``: calls ``on_pressure()`` (on the event loop) each time the
-    kernel reports that tasks stalled on memory for ``stall_us`` within ``window_us``.
+    kernel reports that some tasks stalled on memory for ``stall_us`` within ``window_us``.
 
     Registered with EPOLLPRI through a nested epoll (see the module docstring); must be
     created on the running loop. Raises OSError if the trigger cannot be registered. A window
@@ -182,10 +181,8 @@ class PressureTrigger:
         window_us: int,
         on_pressure: Callable[[], None],
         on_gone: Callable[[], None] | None = None,
-        kind: Literal["some", "full"] = "some",
     ) -> None:
         self.path = path
-        self.kind = kind
         self.stall_us = stall_us
         self.window_us = window_us
         self._on_pressure = on_pressure
@@ -203,7 +200,7 @@ class PressureTrigger:
             raise
 
     def _write(self, stall_us: int, window_us: int) -> None:
-        os.write(self._fd, f"{self.kind} {stall_us} {window_us}\0".encode())
+        os.write(self._fd, f"some {stall_us} {window_us}\0".encode())
 
     def _register(self) -> None:
         try:
@@ -242,7 +239,7 @@ class PressureTrigger:
         reading = read_pressure(self.path)
         if reading is None:
             return None
-        return reading.some_total_us if self.kind == "some" else reading.full_total_us
+        return reading.some_total_us
 
     @property
     def closed(self) -> bool:
