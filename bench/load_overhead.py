@@ -46,7 +46,7 @@ RAW_SOCKET_DIR = Path("/run/modeld-bench")
 
 async def _ready(kind: str, address: str, socket: Path, watch: object, start: float) -> None:
     """Client side of a raw start: socket appears, then Health, then LoadModel."""
-    from modeld.supervisor.backend_client import BackendClient, build_model_options
+    from modeld.rpc.client import BackendClient, build_model_options
 
     demo = REPO / "service" / "modeld" / "data" / "demo.txt"
     t0 = start

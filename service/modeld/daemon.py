@@ -23,6 +23,7 @@ import psutil
 from modeld import __version__
 from modeld.config import Config, ConfigError, load_config
 from modeld.errors import InvalidConfig
+from modeld.naming import BUS_NAME
 from modeld.supervisor.environment import default_backend_user
 
 if TYPE_CHECKING:
@@ -34,7 +35,6 @@ log = logging.getLogger("modeld")
 
 EXIT_CONFIG = 78
 RESTART_JOBS = frozenset({"restart", "try-restart", "reload-or-restart"})
-BUS_NAME = "org.modeld1"
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -100,14 +100,17 @@ class Daemon:
         task.add_done_callback(self._tasks.discard)
 
     async def run(self) -> int:
-        from modeld.bus.connection import BusType, NameFlag, RequestNameReply, connect
+        from modeld.bus.connection import ModeldMessageBus
         from modeld.http.app import HttpServer
         from modeld.system.activation import bind_unix_socket, take_listen_sockets
+        from modeld.system.dbus import BusType, NameFlag, RequestNameReply, connect
         from modeld.system.systemd import Systemd
 
         started = time.monotonic()
         sockets = take_listen_sockets()
-        bus = await connect(BusType.SESSION if self._args.user else BusType.SYSTEM)
+        bus = await connect(
+            ModeldMessageBus, BusType.SESSION if self._args.user else BusType.SYSTEM
+        )
         systemd = Systemd(bus)
         await systemd.subscribe()
         user = default_backend_user(self._config.daemon.backend_user or None)

@@ -1,4 +1,4 @@
-"""Names derived from model names: D-Bus object paths, unit names, socket paths.
+"""modeld's D-Bus names, and names derived from model names: object paths, units, sockets.
 
 Model names are arbitrary UTF-8 (spaces, unicode); every derived name is escaped so it is
 valid where it is used, and distinct models never share a derived name.
@@ -10,14 +10,19 @@ import hashlib
 import re
 from pathlib import Path
 
+BUS_NAME = "org.modeld1"
 MANAGER_PATH = "/org/modeld1"
+MANAGER_INTERFACE = "org.modeld1.Manager"
+MODEL_INTERFACE = "org.modeld1.Model"
 MODEL_PATH_PREFIX = "/org/modeld1/model/"
 UNIT_PREFIX = "modeld-backend-"
 UNIT_SUFFIX = ".scope"
 SLICE = "modeld.slice"
 
 _UNIT_SAFE = re.compile(rb"[A-Za-z0-9:_.]")
-_UNIT_RE = re.compile(r"^modeld-backend-(?P<escaped>.+)-(?P<generation>[0-9]+)\.scope$")
+_UNIT_RE = re.compile(
+    rf"^{re.escape(UNIT_PREFIX)}(?P<escaped>.+)-(?P<generation>[0-9]+){re.escape(UNIT_SUFFIX)}$"
+)
 _MAX_UNIT_ESCAPED = 200
 _MAX_SOCKET_STEM = 60
 

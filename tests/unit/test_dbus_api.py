@@ -73,10 +73,10 @@ def test_every_state_changing_member_asks_for_authorization_first() -> None:
     import asyncio
 
     import pytest
-    from dbus_next.errors import DBusError
 
     from modeld.bus.service import _Requests
     from modeld.errors import AccessDenied
+    from modeld.system.dbus import DBusError
 
     class Untouchable:
         def __getattr__(self, name: str) -> Any:
@@ -95,7 +95,7 @@ def test_every_state_changing_member_asks_for_authorization_first() -> None:
     requests = _Requests(Untouchable(), Deny(), bus=None)  # type: ignore[arg-type]
     manager = ManagerInterface(requests, reload)
     model = ModelInterface("demo", requests)
-    from dbus_next.service import ServiceInterface
+    from modeld.bus.connection import ServiceInterface
 
     def handler(interface: Any, name: str) -> Any:
         """The function dbus-next dispatches to (the decorated attribute drops results)."""

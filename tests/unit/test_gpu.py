@@ -34,13 +34,7 @@ from fakenvml import (
     write_state,
 )
 
-from modeld.system.gpu import (
-    GpuDevice,
-    GpuProcess,
-    GpuState,
-    attribute_gpu_memory,
-    pids_in_cgroup,
-)
+from modeld.system.gpu import GpuDevice, GpuProcess, GpuState, attribute_gpu_memory
 
 SERVICE = Path(__file__).resolve().parents[2] / "service"
 MiB = 1 << 20
@@ -462,40 +456,3 @@ def test_attribute_gpu_memory_sums_each_models_pids_per_device() -> None:
         "whisper": {"GPU-b": 0},
         "idle": {},
     }
-
-
-def _write_procs(directory: Path, *pids: int) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "cgroup.procs").write_text("".join(f"{pid}\n" for pid in pids))
-
-
-SCOPE = "/modeld.slice/modeld-llama.scope"
-
-
-def test_pids_in_cgroup_on_a_unified_tree(tmp_path: Path) -> None:
-    (tmp_path / "cgroup.controllers").write_text("cpu memory pids\n")
-    _write_procs(tmp_path / "modeld.slice" / "modeld-llama.scope", 101, 102)
-    _write_procs(tmp_path / "modeld.slice" / "modeld-llama.scope" / "worker", 103)
-    _write_procs(tmp_path / "modeld.slice" / "modeld-other.scope", 201)
-    _write_procs(tmp_path / "unified" / "modeld.slice" / "modeld-llama.scope", 999)  # not v2's
-    assert pids_in_cgroup(SCOPE, root=tmp_path) == {101, 102, 103}
-    assert pids_in_cgroup("/modeld.slice/modeld-gone.scope", root=tmp_path) == set()
-
-
-def test_pids_in_cgroup_on_a_hybrid_tree(tmp_path: Path) -> None:
-    _write_procs(tmp_path / "unified" / "modeld.slice" / "modeld-llama.scope", 101, 102)
-    _write_procs(tmp_path / "memory" / "modeld.slice" / "modeld-llama.scope", 101, 102)
-    _write_procs(tmp_path / "memory" / "modeld.slice" / "modeld-mem.scope", 301)
-    _write_procs(tmp_path / "systemd" / "modeld.slice" / "modeld-sd.scope", 401, 402)
-    assert pids_in_cgroup(SCOPE, root=tmp_path) == {101, 102}
-    assert pids_in_cgroup("/modeld.slice/modeld-mem.scope", root=tmp_path) == {301}
-    assert pids_in_cgroup("/modeld.slice/modeld-sd.scope", root=tmp_path) == {401, 402}
-    assert pids_in_cgroup("/modeld.slice/modeld-gone.scope", root=tmp_path) == set()
-
-
-def test_pids_in_cgroup_finds_this_process_in_its_own_cgroup() -> None:
-    paths = dict(
-        line.split(":", 2)[1:] for line in Path("/proc/self/cgroup").read_text().splitlines()
-    )
-    own = paths.get("") or paths["name=systemd"]  # the unified path, else name=systemd's
-    assert os.getpid() in pids_in_cgroup(own)

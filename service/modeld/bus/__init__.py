@@ -1,1 +1,1 @@
-"""The D-Bus adapter. Everything that imports dbus-next lives in this package."""
+"""The org.modeld1 D-Bus API adapter over the supervisor."""

@@ -11,8 +11,8 @@ from __future__ import annotations
 import contextvars
 import os
 
-from modeld.bus.connection import DBusError, MessageBus, call
 from modeld.errors import AccessDenied
+from modeld.system.dbus import DBusError, MessageBus, call
 
 _sender: contextvars.ContextVar[str | None] = contextvars.ContextVar("dbus_sender", default=None)
 _CACHE_LIMIT = 4096

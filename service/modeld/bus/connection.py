@@ -1,6 +1,7 @@
-"""A dbus-next connection with modeld's workarounds applied.
+"""The org.modeld1 side of dbus-next: the API's message bus and the service decorators.
 
-Keeping dbus-next behind this module keeps a move to dbus-fast an import-level change.
+With :mod:`modeld.system.dbus` (the connection itself) this is the only place that imports
+dbus-next, which keeps a move to dbus-fast an import-level change.
 """
 
 from __future__ import annotations
@@ -9,30 +10,23 @@ import asyncio
 import os
 from typing import Any
 
-from dbus_next.aio.message_bus import MessageBus
-from dbus_next.constants import BusType, MessageType, NameFlag, RequestNameReply
-from dbus_next.errors import DBusError
-from dbus_next.message import Message
-from dbus_next.service import ServiceInterface
-from dbus_next.signature import Variant
+from dbus_next.constants import PropertyAccess
+from dbus_next.service import ServiceInterface, dbus_property, method, signal
 
+from modeld.errors import ERROR_PREFIX
 from modeld.naming import MANAGER_PATH
+from modeld.system.dbus import OBJECT_MANAGER_INTERFACE, DBusError, Message, MessageBus
 
-INTERNAL_ERROR = "org.modeld1.Error.Internal"
+INTERNAL_ERROR = ERROR_PREFIX + "Internal"
 
 __all__ = [
-    "BusType",
-    "DBusError",
-    "Message",
-    "MessageBus",
-    "MessageType",
+    "INTERNAL_ERROR",
     "ModeldMessageBus",
-    "NameFlag",
-    "RequestNameReply",
+    "PropertyAccess",
     "ServiceInterface",
-    "Variant",
-    "call",
-    "connect",
+    "dbus_property",
+    "method",
+    "signal",
 ]
 
 
@@ -103,7 +97,7 @@ class ModeldMessageBus(MessageBus):
             self.send(
                 Message.new_signal(
                     path=MANAGER_PATH,
-                    interface="org.freedesktop.DBus.ObjectManager",
+                    interface=OBJECT_MANAGER_INTERFACE,
                     member="InterfacesAdded",
                     signature="oa{sa{sv}}",
                     body=[path, {interface.name: result or {}}],
@@ -118,43 +112,9 @@ class ModeldMessageBus(MessageBus):
         self.send(
             Message.new_signal(
                 path=MANAGER_PATH,
-                interface="org.freedesktop.DBus.ObjectManager",
+                interface=OBJECT_MANAGER_INTERFACE,
                 member="InterfacesRemoved",
                 signature="oas",
                 body=[path, removed_interfaces],
             )
         )
-
-
-async def connect(bus_type: BusType = BusType.SYSTEM) -> ModeldMessageBus:
-    """Connect with unix-fd passing negotiated (needed for Acquire's lease fds)."""
-    bus = ModeldMessageBus(bus_type=bus_type, negotiate_unix_fd=True)
-    await bus.connect()
-    return bus
-
-
-async def call(
-    bus: MessageBus,
-    destination: str,
-    path: str,
-    interface: str,
-    member: str,
-    signature: str = "",
-    body: list[Any] | None = None,
-) -> list[Any]:
-    """Call a method and return the reply body; raise DBusError on an error reply."""
-    reply = await bus.call(
-        Message(
-            destination=destination,
-            path=path,
-            interface=interface,
-            member=member,
-            signature=signature,
-            body=body or [],
-        )
-    )
-    assert reply is not None
-    if reply.message_type is MessageType.ERROR:
-        text = reply.body[0] if reply.body else reply.error_name
-        raise DBusError(reply.error_name, text)
-    return list(reply.body)

@@ -15,18 +15,16 @@ import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
-from dbus_next.constants import PropertyAccess
-from dbus_next.service import ServiceInterface, dbus_property, method, signal
-from dbus_next.signature import Variant
-
 from modeld import __version__
 from modeld.bus.authorization import Authorizer
 from modeld.bus.connection import (
     INTERNAL_ERROR,
-    DBusError,
-    Message,
-    MessageType,
     ModeldMessageBus,
+    PropertyAccess,
+    ServiceInterface,
+    dbus_property,
+    method,
+    signal,
 )
 from modeld.bus.signatures import (
     BOOLEAN,
@@ -42,15 +40,12 @@ from modeld.bus.signatures import (
     UINT64,
 )
 from modeld.errors import InvalidArgs, ModeldError
-from modeld.naming import MANAGER_PATH, model_object_path
+from modeld.naming import MANAGER_INTERFACE, MANAGER_PATH, MODEL_INTERFACE, model_object_path
 from modeld.supervisor.registry import Supervisor
 from modeld.supervisor.status import ModelStatus, StatusChange
+from modeld.system.dbus import DBusError, Message, MessageType, Variant
 
 log = logging.getLogger(__name__)
-
-MANAGER_INTERFACE = "org.modeld1.Manager"
-MODEL_INTERFACE = "org.modeld1.Model"
-BUS_NAME = "org.modeld1"
 
 
 _F = TypeVar("_F", bound=Callable[..., Coroutine[Any, Any, Any]])

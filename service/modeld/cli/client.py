@@ -13,20 +13,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from dbus_next.aio.message_bus import MessageBus
-from dbus_next.constants import BusType, MessageType
-from dbus_next.message import Message
-from dbus_next.signature import Variant
-
 from modeld.cli.errors import CliError
-from modeld.naming import MANAGER_PATH
-
-BUS_NAME = "org.modeld1"
-MANAGER_IFACE = "org.modeld1.Manager"
-MODEL_IFACE = "org.modeld1.Model"
-PROPERTIES_IFACE = "org.freedesktop.DBus.Properties"
-DBUS_NAME = "org.freedesktop.DBus"
-DBUS_PATH = "/org/freedesktop/DBus"
+from modeld.naming import BUS_NAME, MANAGER_INTERFACE, MANAGER_PATH, MODEL_INTERFACE
+from modeld.system.dbus import (
+    DBUS_INTERFACE,
+    DBUS_NAME,
+    DBUS_PATH,
+    PROPERTIES_INTERFACE,
+    BusType,
+    Message,
+    MessageBus,
+    MessageType,
+    Variant,
+)
 
 NO_SERVER = "org.freedesktop.DBus.Error.NoServer"
 DISCONNECTED = "org.freedesktop.DBus.Error.Disconnected"
@@ -45,7 +44,7 @@ _UNREACHABLE_PREFIXES = ("org.freedesktop.DBus.Error.Spawn.", "org.freedesktop.s
 
 CONNECT_TIMEOUT = 10.0
 CALL_TIMEOUT = 30.0
-# Unload (and Load with wait) reply only once the backend has stopped (started).
+# Unload replies only once the backend has stopped.
 LONG_CALL_TIMEOUT = 300.0
 
 
@@ -159,52 +158,41 @@ class Client:
         return CliError(name, text)
 
     async def add_match(self, rule: str) -> None:
-        await self.call(DBUS_PATH, DBUS_NAME, "AddMatch", "s", [rule], destination=DBUS_NAME)
+        await self.call(DBUS_PATH, DBUS_INTERFACE, "AddMatch", "s", [rule], destination=DBUS_NAME)
 
     async def get_all(self, path: str, interface: str) -> tuple[dict[str, Any], int]:
         """All properties of ``interface`` at ``path`` and the reply's serial.
 
         The serial orders the snapshot against signals from the same sender.
         """
-        reply = await self.call(path, PROPERTIES_IFACE, "GetAll", "s", [interface])
+        reply = await self.call(path, PROPERTIES_INTERFACE, "GetAll", "s", [interface])
         props = {str(k): unwrap(v) for k, v in reply.body[0].items()}
         return props, reply.serial
 
     # -- org.modeld1.Manager -----------------------------------------------------------
 
     async def manager_properties(self) -> dict[str, Any]:
-        return (await self.get_all(MANAGER_PATH, MANAGER_IFACE))[0]
+        return (await self.get_all(MANAGER_PATH, MANAGER_INTERFACE))[0]
 
     async def list_models(self) -> list[ModelRef]:
-        reply = await self.call(MANAGER_PATH, MANAGER_IFACE, "ListModels")
+        reply = await self.call(MANAGER_PATH, MANAGER_INTERFACE, "ListModels")
         return [ModelRef(*(str(v) for v in row)) for row in reply.body[0]]
 
     async def get_model(self, name: str) -> tuple[str, str]:
         """The model's object path and the unique bus name of the modeld that answered."""
-        reply = await self.call(MANAGER_PATH, MANAGER_IFACE, "GetModel", "s", [name])
+        reply = await self.call(MANAGER_PATH, MANAGER_INTERFACE, "GetModel", "s", [name])
         return str(reply.body[0]), reply.sender
 
-    async def load(self, name: str, *, wait: bool = False, force: bool = False) -> str:
-        options: dict[str, Variant] = {}
-        if wait:
-            options["wait"] = Variant("b", True)
-        if force:
-            options["force"] = Variant("b", True)
-        reply = await self.call(
-            MANAGER_PATH,
-            MANAGER_IFACE,
-            "Load",
-            "sa{sv}",
-            [name, options],
-            timeout=LONG_CALL_TIMEOUT if wait else CALL_TIMEOUT,
-        )
+    async def load(self, name: str, *, force: bool = False) -> str:
+        options = {"force": Variant("b", True)} if force else {}
+        reply = await self.call(MANAGER_PATH, MANAGER_INTERFACE, "Load", "sa{sv}", [name, options])
         return str(reply.body[0])
 
     async def unload(self, name: str, *, force: bool = False) -> None:
         options = {"force": Variant("b", True)} if force else {}
         await self.call(
             MANAGER_PATH,
-            MANAGER_IFACE,
+            MANAGER_INTERFACE,
             "Unload",
             "sa{sv}",
             [name, options],
@@ -212,15 +200,15 @@ class Client:
         )
 
     async def reload(self) -> None:
-        await self.call(MANAGER_PATH, MANAGER_IFACE, "Reload")
+        await self.call(MANAGER_PATH, MANAGER_INTERFACE, "Reload")
 
     # -- org.modeld1.Model -------------------------------------------------------------
 
     async def model_properties(self, path: str) -> dict[str, Any]:
-        return (await self.get_all(path, MODEL_IFACE))[0]
+        return (await self.get_all(path, MODEL_INTERFACE))[0]
 
     async def set_pinned(self, path: str, pinned: bool) -> None:
-        await self.call(path, MODEL_IFACE, "SetPinned", "b", [pinned])
+        await self.call(path, MODEL_INTERFACE, "SetPinned", "b", [pinned])
 
     async def watch_model(self, path: str, owner: str) -> ModelWatch:
         """Subscribe to the model's PropertiesChanged (and to modeld leaving the bus).
@@ -257,10 +245,10 @@ class ModelWatch:
         self._disconnect_task = asyncio.create_task(self._watch_disconnect())
         await self._client.add_match(
             f"type='signal',sender='{BUS_NAME}',path='{self._path}',"
-            f"interface='{PROPERTIES_IFACE}',member='PropertiesChanged',arg0='{MODEL_IFACE}'"
+            f"interface='{PROPERTIES_INTERFACE}',member='PropertiesChanged',arg0='{MODEL_INTERFACE}'"
         )
         await self._client.add_match(
-            f"type='signal',sender='{DBUS_NAME}',path='{DBUS_PATH}',interface='{DBUS_NAME}',"
+            f"type='signal',sender='{DBUS_NAME}',path='{DBUS_PATH}',interface='{DBUS_INTERFACE}',"
             f"member='NameOwnerChanged',arg0='{BUS_NAME}'"
         )
 
@@ -288,17 +276,17 @@ class ModelWatch:
             return
         if (
             msg.member == "PropertiesChanged"
-            and msg.interface == PROPERTIES_IFACE
+            and msg.interface == PROPERTIES_INTERFACE
             and msg.path == self._path
             and msg.sender == self._owner
             and msg.body
-            and msg.body[0] == MODEL_IFACE
+            and msg.body[0] == MODEL_INTERFACE
         ):
             changed = {str(k): unwrap(v) for k, v in msg.body[1].items()}
             self._queue.put_nowait(Change(msg.serial, changed, [str(p) for p in msg.body[2]]))
         elif (
             msg.member == "NameOwnerChanged"
-            and msg.interface == DBUS_NAME
+            and msg.interface == DBUS_INTERFACE
             and msg.sender == DBUS_NAME
             and msg.body
             and msg.body[0] == BUS_NAME

@@ -9,14 +9,16 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from modeld.cli import render
-from modeld.cli.client import MODEL_IFACE, Client, ModelRef, ModelWatch
+from modeld.cli.client import Client, ModelRef, ModelWatch
 from modeld.cli.errors import LOAD_FAILED, CliError
+from modeld.errors import NoSuchModel
+from modeld.naming import MODEL_INTERFACE
 
 SERVING = frozenset({"ready", "busy"})
 # Replies to GetAll on a model path that a concurrent Reload removed.
 _GONE = frozenset(
     {
-        "org.modeld1.Error.NoSuchModel",
+        NoSuchModel.dbus_name,
         "org.freedesktop.DBus.Error.UnknownObject",
         "org.freedesktop.DBus.Error.UnknownInterface",
         "org.freedesktop.DBus.Error.UnknownMethod",
@@ -167,7 +169,7 @@ async def cmd_load(client: Client, args: argparse.Namespace) -> int:
         await client.load(name, force=args.force)
         # The state right after Load covers a model that was already ready (no signal
         # will come). Signals older than this snapshot are superseded by it.
-        props, snapshot = await client.get_all(path, MODEL_IFACE)
+        props, snapshot = await client.get_all(path, MODEL_INTERFACE)
         return await _follow_load(client, args, name, path, watch, props, snapshot, started)
     finally:
         watch.close()

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-FAILED = "org.modeld1.Error.Failed"
-LOAD_FAILED = "org.modeld1.Error.LoadFailed"
-INVALID_CONFIG = "org.modeld1.Error.InvalidConfig"
-NO_SUCH_BACKEND = "org.modeld1.Error.NoSuchBackend"
+from modeld.errors import InvalidConfig, LoadFailed, ModeldError, NoSuchBackend
+
+FAILED = ModeldError.dbus_name
+LOAD_FAILED = LoadFailed.dbus_name
+INVALID_CONFIG = InvalidConfig.dbus_name
+NO_SUCH_BACKEND = NoSuchBackend.dbus_name
 
 
 class CliError(Exception):

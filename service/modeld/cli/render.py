@@ -13,6 +13,8 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from modeld.units import UINT64_MAX
+
 # D-Bus property name -> JSON key. Unknown properties fall back to snake_case().
 MODEL_KEYS: dict[str, str] = {
     "Name": "name",
@@ -114,9 +116,6 @@ def human_bytes(size: int) -> str:
     raise AssertionError("unreachable")
 
 
-UINT64_MAX = 2**64 - 1  # systemd's "infinity" for memory limits
-
-
 def size_or_dash(size: int) -> str:
     """A size; ``-`` for 0 (none/unknown), ``inf`` for systemd's infinity."""
     if size >= UINT64_MAX:
@@ -131,13 +130,11 @@ def memory_cell(current: int, maximum: int) -> str:
     return f"{size_or_dash(current)}/{size_or_dash(maximum)}"
 
 
-def relative_time(usec: int, now: float | None = None) -> str:
+def relative_time(usec: int) -> str:
     """Microseconds since the epoch -> ``12s ago``; 0 (never) -> ``-``."""
     if not usec:
         return "-"
-    if now is None:
-        now = time.time()
-    seconds = max(0, int(now - usec / 1_000_000))
+    seconds = max(0, int(time.time() - usec / 1_000_000))
     if seconds < 60:
         return f"{seconds}s ago"
     if seconds < 3600:

@@ -58,10 +58,10 @@ def detokenize(tokens: Iterable[str]) -> str:
     return "".join(out)
 
 
-def stable_hash(text: str, bits: int = 64) -> int:
-    """A hash of ``text`` that is the same in every process (unlike ``hash()``)."""
+def stable_hash(text: str) -> int:
+    """A 64-bit hash of ``text`` that is the same in every process (unlike ``hash()``)."""
     digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "big") & ((1 << bits) - 1)
+    return int.from_bytes(digest, "big")
 
 
 def _token_vector(feature: str) -> list[float]:

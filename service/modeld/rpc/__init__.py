@@ -6,5 +6,7 @@ to 7.x. Import them explicitly::
 
     from modeld.rpc import backend_pb2, backend_pb2_grpc
 
+``modeld.rpc.client`` is modeld's client of one backend over these bindings.
+
 This package imports nothing itself, so ``import modeld.rpc`` stays cheap.
 """

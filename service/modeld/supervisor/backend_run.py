@@ -27,7 +27,7 @@ from modeld.config import ModelConfig
 from modeld.discovery import Backend
 from modeld.errors import LoadFailed, SystemdError
 from modeld.naming import SLICE
-from modeld.supervisor.backend_client import BackendClient, build_model_options
+from modeld.rpc.client import BackendClient, build_model_options
 from modeld.supervisor.environment import backend_environment, credentials_for
 from modeld.supervisor.records import RecordStore
 from modeld.supervisor.spawn import ExitStatus, GatedProcess, WatchedProcess

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from modeld.core.eviction import GpuView
-from modeld.system.cgroup import CgroupLayout
-from modeld.system.gpu import GpuProbe, attribute_gpu_memory, pids_in_cgroup
+from modeld.system.cgroup import CgroupLayout, pids_in_cgroup
+from modeld.system.gpu import GpuProbe, attribute_gpu_memory
 
 log = logging.getLogger(__name__)
 

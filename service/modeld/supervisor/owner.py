@@ -33,7 +33,7 @@ from modeld.core.effects import EvictionRefused
 from modeld.core.states import ModelState, check_transition
 from modeld.errors import LoadFailed, ModeldError
 from modeld.naming import backend_socket, scope_name
-from modeld.supervisor.backend_client import BackendClient
+from modeld.rpc.client import BackendClient
 from modeld.supervisor.backend_run import BackendRun, OwnerContext
 from modeld.supervisor.records import BackendRecord
 from modeld.supervisor.spawn import AdoptedProcess, ExitStatus

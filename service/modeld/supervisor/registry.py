@@ -21,7 +21,7 @@ from modeld.core.states import ModelState
 from modeld.discovery import BackendIndex, discover_backends, effective_backend_dirs
 from modeld.errors import LoadFailed, ModeldError, NoSuchBackend, NoSuchModel, SystemdError
 from modeld.naming import SLICE, UNIT_PREFIX, parse_scope_name, unit_escape
-from modeld.supervisor.backend_client import BackendClient
+from modeld.rpc.client import BackendClient
 from modeld.supervisor.backend_run import OwnerContext
 from modeld.supervisor.measurements import HostMeasurements
 from modeld.supervisor.owner import ModelOwner, OwnerObserver

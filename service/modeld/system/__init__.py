@@ -1,1 +1,1 @@
-"""Thin adapters to the operating system: systemd, cgroups, journald, sd_notify, inotify."""
+"""Thin adapters to the operating system: D-Bus, systemd, cgroups, journald, sd_notify, inotify."""

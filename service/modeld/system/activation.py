@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import MutableMapping
 from pathlib import Path
 
 SD_LISTEN_FDS_START = 3
 
 
-def take_listen_sockets(environ: MutableMapping[str, str] = os.environ) -> list[socket.socket]:
+def take_listen_sockets() -> list[socket.socket]:
     """Return the inherited listening sockets and remove LISTEN_* from the environment."""
-    pid = environ.pop("LISTEN_PID", None)
-    count = environ.pop("LISTEN_FDS", None)
-    environ.pop("LISTEN_FDNAMES", None)
+    pid = os.environ.pop("LISTEN_PID", None)
+    count = os.environ.pop("LISTEN_FDS", None)
+    os.environ.pop("LISTEN_FDNAMES", None)
     if pid != str(os.getpid()) or not count:
         return []
     sockets = []
@@ -24,13 +23,13 @@ def take_listen_sockets(environ: MutableMapping[str, str] = os.environ) -> list[
     return sockets
 
 
-def bind_unix_socket(path: Path, mode: int = 0o666) -> socket.socket:
-    """Bind a listening stream socket at ``path`` (used without socket activation)."""
+def bind_unix_socket(path: Path) -> socket.socket:
+    """Bind a listening stream socket at ``path``, mode 0666 (used without socket activation)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.is_socket():
         path.unlink()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.bind(str(path))
-    os.chmod(path, mode)
+    os.chmod(path, 0o666)
     sock.listen(128)
     return sock

@@ -1,4 +1,4 @@
-"""Reading a scope's memory cgroup on cgroup v2 and on hybrid (v1 memory) hosts.
+"""Reading a scope's cgroup (memory, PIDs) on cgroup v2 and on hybrid (v1 memory) hosts.
 
 cgroup v2 is the production target; the test machines mount the memory controller on v1.
 Files read here are small in-kernel sysfs files: reads do not block.
@@ -10,13 +10,17 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def is_unified(root: Path = CGROUP_ROOT) -> bool:
+    """True on a cgroup v2 host (``root/cgroup.controllers`` exists), False on hybrid or v1."""
+    return (root / "cgroup.controllers").exists()
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,7 +32,7 @@ class CgroupLayout:
 
     @classmethod
     def detect(cls, root: Path = CGROUP_ROOT) -> CgroupLayout:
-        if (root / "cgroup.controllers").exists():
+        if is_unified(root):
             return cls(memory_root=root, unified=True)
         return cls(memory_root=root / "memory", unified=False)
 
@@ -50,6 +54,39 @@ class CgroupLayout:
         return int(counters.get("oom_kill", 0)) > 0 or int(counters.get("under_oom", 0)) > 0
 
 
+def pids_in_cgroup(control_group: str, *, root: Path = CGROUP_ROOT) -> set[int]:
+    """The PIDs in a cgroup and its descendants (e.g. a scope's ``ControlGroup`` property).
+
+    cgroup v2 (:func:`is_unified`): the unified tree under ``root``. Hybrid or v1 hosts: the
+    first hierarchy that has the cgroup, of ``root/unified`` (systemd's cgroup2 hierarchy),
+    ``root/memory`` and ``root/systemd`` (name=systemd). A missing cgroup gives an empty set.
+    Reads small in-kernel files; does not block.
+    """
+    relative = control_group.strip("/")
+    if is_unified(root):
+        hierarchies = [root]
+    else:
+        hierarchies = [root / "unified", root / "memory", root / "systemd"]
+    for hierarchy in hierarchies:
+        directory = hierarchy / relative if relative else hierarchy
+        if (directory / "cgroup.procs").is_file():
+            return _pids_below(directory)
+    return set()
+
+
+def _pids_below(directory: Path) -> set[int]:
+    pids: set[int] = set()
+    for current, _dirs, files in os.walk(directory):
+        if "cgroup.procs" not in files:
+            continue
+        try:
+            text = Path(current, "cgroup.procs").read_text()
+        except OSError:  # the cgroup went away while walking
+            continue
+        pids.update(int(word) for word in text.split() if word.isdigit())
+    return pids
+
+
 def _read_int(path: Path) -> int | None:
     try:
         return int(path.read_text().split()[0])
@@ -58,18 +95,15 @@ def _read_int(path: Path) -> int | None:
 
 
 class OomWatch:
-    """Calls ``on_oom`` when the kernel OOM-kills inside a cgroup (v1: eventfd notifier).
+    """Notes in ``seen`` when the kernel OOM-kills inside a cgroup (v1: eventfd notifier).
 
     On cgroup v2 systemd reports ``Result=oom-kill`` on the scope instead, so this watch
     only reads ``memory.events`` when asked.
     """
 
-    def __init__(
-        self, layout: CgroupLayout, control_group: str, on_oom: Callable[[], None] | None = None
-    ) -> None:
+    def __init__(self, layout: CgroupLayout, control_group: str) -> None:
         self._layout = layout
         self._control_group = control_group
-        self._on_oom = on_oom
         self._eventfd = -1
         self.seen = False
         """True once an OOM kill in the cgroup was observed."""
@@ -104,8 +138,6 @@ class OomWatch:
             return
         if self.check() or not self.process_exited:
             self.seen = True
-            if self._on_oom is not None:
-                self._on_oom()
 
     def check(self) -> bool:
         """Read the cgroup's OOM-kill counter now (while the cgroup still exists)."""

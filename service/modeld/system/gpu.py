@@ -9,8 +9,8 @@ Memory figures come from ``nvmlDeviceGetMemoryInfo`` v2, where ``used`` excludes
 reserved memory (``total = reserved + used + free``). Drivers older than R515 lack v2; then v1
 figures are used, whose ``used`` includes the reserved memory.
 
-``pids_in_cgroup`` and ``attribute_gpu_memory`` turn NVML's per-process figures (host PIDs) into
-per-model figures: the PIDs of each model's scope, and the GPU memory those PIDs hold.
+``attribute_gpu_memory`` turns NVML's per-process figures (host PIDs) into per-model figures:
+the GPU memory held by the PIDs of each model's scope (``modeld.system.cgroup.pids_in_cgroup``).
 """
 
 from __future__ import annotations
@@ -18,11 +18,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import threading
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from types import ModuleType
 from typing import Any, Literal, Protocol
 
@@ -35,12 +33,9 @@ __all__ = [
     "NvmlProbe",
     "attribute_gpu_memory",
     "open_gpu_probe",
-    "pids_in_cgroup",
 ]
 
 _log = logging.getLogger(__name__)
-
-CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
 @dataclass(frozen=True, slots=True)
@@ -394,36 +389,3 @@ def attribute_gpu_memory(
             process.used or 0
         )
     return result
-
-
-def pids_in_cgroup(control_group: str, *, root: Path = CGROUP_ROOT) -> set[int]:
-    """The PIDs in a cgroup and its descendants (e.g. a scope's ``ControlGroup`` property).
-
-    cgroup v2 (``root/cgroup.controllers`` exists): the unified tree under ``root``. Hybrid or
-    v1 hosts: the first hierarchy that has the cgroup, of ``root/unified`` (systemd's cgroup2
-    hierarchy), ``root/memory`` and ``root/systemd`` (name=systemd). A missing cgroup gives an
-    empty set. Reads small in-kernel files; does not block.
-    """
-    relative = control_group.strip("/")
-    if (root / "cgroup.controllers").exists():
-        hierarchies = [root]
-    else:
-        hierarchies = [root / "unified", root / "memory", root / "systemd"]
-    for hierarchy in hierarchies:
-        directory = hierarchy / relative if relative else hierarchy
-        if (directory / "cgroup.procs").is_file():
-            return _pids_below(directory)
-    return set()
-
-
-def _pids_below(directory: Path) -> set[int]:
-    pids: set[int] = set()
-    for current, _dirs, files in os.walk(directory):
-        if "cgroup.procs" not in files:
-            continue
-        try:
-            text = Path(current, "cgroup.procs").read_text()
-        except OSError:  # the cgroup went away while walking
-            continue
-        pids.update(int(word) for word in text.split() if word.isdigit())
-    return pids

@@ -18,7 +18,7 @@ _TAIL_TIMEOUT = 3.0
 _CONNECT_TIMEOUT = 1.0
 
 
-def open_journal_stream(identifier: str, *, socket_path: Path = JOURNAL_STDOUT) -> int | None:
+def open_journal_stream(identifier: str) -> int | None:
     """Return a writable fd whose lines land in the journal tagged ``identifier``.
 
     None when journald is not reachable; the caller falls back to a log file.
@@ -26,7 +26,7 @@ def open_journal_stream(identifier: str, *, socket_path: Path = JOURNAL_STDOUT) 
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(_CONNECT_TIMEOUT)
     try:
-        sock.connect(str(socket_path))
+        sock.connect(str(JOURNAL_STDOUT))
         sock.shutdown(socket.SHUT_RD)
         header = f"{identifier}\n\n6\n0\n0\n0\n0\n"
         sock.sendall(header.encode())
@@ -42,8 +42,8 @@ def open_log_file(path: Path) -> int:
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
 
 
-async def journal_tail(identifier: str, since_us: int, lines: int = TAIL_LINES) -> list[str]:
-    """The last ``lines`` journal messages of ``identifier`` written since ``since_us``."""
+async def journal_tail(identifier: str, since_us: int) -> list[str]:
+    """The last ``TAIL_LINES`` journal messages of ``identifier`` written since ``since_us``."""
     try:
         proc = await asyncio.create_subprocess_exec(
             "journalctl",
@@ -51,7 +51,7 @@ async def journal_tail(identifier: str, since_us: int, lines: int = TAIL_LINES) 
             "-o",
             "json",
             "-n",
-            str(lines * 4),
+            str(TAIL_LINES * 4),
             f"SYSLOG_IDENTIFIER={identifier}",
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.DEVNULL,
@@ -77,10 +77,10 @@ async def journal_tail(identifier: str, since_us: int, lines: int = TAIL_LINES) 
             message = bytes(message).decode(errors="replace")
         if isinstance(message, str) and message.strip():
             found.append(message.rstrip())
-    return found[-lines:]
+    return found[-TAIL_LINES:]
 
 
-def file_tail(path: Path, lines: int = TAIL_LINES) -> list[str]:
+def file_tail(path: Path) -> list[str]:
     try:
         with path.open("rb") as handle:
             handle.seek(0, os.SEEK_END)
@@ -88,4 +88,5 @@ def file_tail(path: Path, lines: int = TAIL_LINES) -> list[str]:
             data = handle.read()
     except OSError:
         return []
-    return [line for line in data.decode(errors="replace").splitlines() if line.strip()][-lines:]
+    found = [line for line in data.decode(errors="replace").splitlines() if line.strip()]
+    return found[-TAIL_LINES:]

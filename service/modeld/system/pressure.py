@@ -34,7 +34,8 @@ import select
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+
+from modeld.system.cgroup import CGROUP_ROOT, is_unified
 
 log = logging.getLogger(__name__)
 
@@ -87,18 +88,18 @@ def read_pressure(path: Path) -> PressureReading | None:
 def pressure_file(
     control_group: str,
     *,
-    cgroup_root: Path = Path("/sys/fs/cgroup"),
+    cgroup_root: Path = CGROUP_ROOT,
     proc_file: Path = Path("/proc/pressure/memory"),
 ) -> Path | None:
     """The memory PSI file to watch for ``control_group`` (e.g. ``/modeld.slice``).
 
-    cgroup v2 (``cgroup_root/cgroup.controllers`` exists): the cgroup's ``memory.pressure``.
+    cgroup v2 (:func:`~modeld.system.cgroup.is_unified`): the cgroup's ``memory.pressure``.
     Hybrid hosts: PSI is accounted on the v2 hierarchy whatever hierarchy the memory controller
     is on, so ``cgroup_root/unified/<control_group>/memory.pressure`` is used when it exists.
     Otherwise the system-wide ``proc_file``; None when there is no PSI at all (feature off).
     """
     relative = control_group.strip("/")
-    if (cgroup_root / "cgroup.controllers").exists():
+    if is_unified(cgroup_root):
         candidate = cgroup_root / relative / "memory.pressure"
     else:
         candidate = cgroup_root / "unified" / relative / "memory.pressure"
@@ -161,7 +162,7 @@ def _round_up_window(window_us: int) -> int:
 
 class PressureTrigger:
     """A PSI trigger on ``path``: calls ``on_pressure()`` (on the event loop) each time the
-    kernel reports that tasks stalled on memory for ``stall_us`` within ``window_us``.
+    kernel reports that some tasks stalled on memory for ``stall_us`` within ``window_us``.
 
     Registered with EPOLLPRI through a nested epoll (see the module docstring); must be
     created on the running loop. Raises OSError if the trigger cannot be registered. A window
@@ -180,10 +181,8 @@ class PressureTrigger:
         window_us: int,
         on_pressure: Callable[[], None],
         on_gone: Callable[[], None] | None = None,
-        kind: Literal["some", "full"] = "some",
     ) -> None:
         self.path = path
-        self.kind = kind
         self.stall_us = stall_us
         self.window_us = window_us
         self._on_pressure = on_pressure
@@ -201,7 +200,7 @@ class PressureTrigger:
             raise
 
     def _write(self, stall_us: int, window_us: int) -> None:
-        os.write(self._fd, f"{self.kind} {stall_us} {window_us}\0".encode())
+        os.write(self._fd, f"some {stall_us} {window_us}\0".encode())
 
     def _register(self) -> None:
         try:
@@ -240,7 +239,7 @@ class PressureTrigger:
         reading = read_pressure(self.path)
         if reading is None:
             return None
-        return reading.some_total_us if self.kind == "some" else reading.full_total_us
+        return reading.some_total_us
 
     @property
     def closed(self) -> bool:

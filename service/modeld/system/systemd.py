@@ -14,15 +14,26 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from modeld.bus.connection import DBusError, Message, MessageBus, MessageType, Variant, call
 from modeld.errors import SystemdError
+from modeld.naming import bus_path_escape
+from modeld.system.dbus import (
+    DBUS_INTERFACE,
+    DBUS_NAME,
+    DBUS_PATH,
+    PROPERTIES_INTERFACE,
+    DBusError,
+    Message,
+    MessageBus,
+    MessageType,
+    Variant,
+    call,
+)
 
 log = logging.getLogger(__name__)
 
 SYSTEMD = "org.freedesktop.systemd1"
 SYSTEMD_PATH = "/org/freedesktop/systemd1"
 MANAGER = "org.freedesktop.systemd1.Manager"
-UINT64_MAX = 2**64 - 1
 JOB_TIMEOUT = 60.0
 
 
@@ -41,11 +52,8 @@ class ScopeSpec:
 
 
 def unit_object_path(unit: str) -> str:
-    out = []
-    for byte in unit.encode():
-        char = chr(byte)
-        out.append(char if char.isascii() and char.isalnum() else f"_{byte:02x}")
-    return "/org/freedesktop/systemd1/unit/" + "".join(out)
+    """systemd's object path of ``unit`` (escaped like sd_bus_path_encode)."""
+    return f"{SYSTEMD_PATH}/unit/{bus_path_escape(unit)}"
 
 
 class Systemd:
@@ -61,14 +69,14 @@ class Systemd:
         self._bus.add_message_handler(self._on_message)
         await call(
             self._bus,
-            "org.freedesktop.DBus",
-            "/org/freedesktop/DBus",
-            "org.freedesktop.DBus",
+            DBUS_NAME,
+            DBUS_PATH,
+            DBUS_INTERFACE,
             "AddMatch",
             "s",
             [
                 f"type='signal',sender='{SYSTEMD}',interface='{MANAGER}',"
-                "member='JobRemoved',path='/org/freedesktop/systemd1'"
+                f"member='JobRemoved',path='{SYSTEMD_PATH}'"
             ],
         )
         await self._manager("Subscribe")
@@ -194,7 +202,7 @@ class Systemd:
                 self._bus,
                 SYSTEMD,
                 unit_path,
-                "org.freedesktop.DBus.Properties",
+                PROPERTIES_INTERFACE,
                 "Get",
                 "ss",
                 ["org.freedesktop.systemd1.Unit", "Job"],
@@ -206,7 +214,7 @@ class Systemd:
                 self._bus,
                 SYSTEMD,
                 job_path,
-                "org.freedesktop.DBus.Properties",
+                PROPERTIES_INTERFACE,
                 "Get",
                 "ss",
                 ["org.freedesktop.systemd1.Job", "JobType"],
@@ -222,7 +230,7 @@ class Systemd:
                 self._bus,
                 SYSTEMD,
                 unit_object_path(unit),
-                "org.freedesktop.DBus.Properties",
+                PROPERTIES_INTERFACE,
                 "Get",
                 "ss",
                 [f"org.freedesktop.systemd1.{interface}", name],
