@@ -123,3 +123,13 @@ def test_every_state_changing_member_asks_for_authorization_first() -> None:
         "unload demo",
         "pin demo",
     ]
+
+
+def test_the_property_tables_match_the_interfaces() -> None:
+    from modeld.bus.api import MANAGER_PROPERTIES, MODEL_PROPERTIES, PROPERTIES
+
+    manager = ManagerInterface(requests=None, reload=None)  # type: ignore[arg-type]
+    model = ModelInterface("demo", requests=None)  # type: ignore[arg-type]
+    for interface, table in ((manager, MANAGER_PROPERTIES), (model, MODEL_PROPERTIES)):
+        assert PROPERTIES[interface.name] is table
+        assert {p.name: p.signature for p in interface.introspect().properties} == table

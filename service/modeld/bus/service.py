@@ -20,6 +20,7 @@ from dbus_next.service import ServiceInterface, dbus_property, method, signal
 from dbus_next.signature import Variant
 
 from modeld import __version__
+from modeld.bus.api import MANAGER_INTERFACE, MODEL_INTERFACE
 from modeld.bus.authorization import Authorizer
 from modeld.bus.connection import (
     INTERNAL_ERROR,
@@ -48,8 +49,6 @@ from modeld.supervisor.status import ModelStatus, StatusChange
 
 log = logging.getLogger(__name__)
 
-MANAGER_INTERFACE = "org.modeld1.Manager"
-MODEL_INTERFACE = "org.modeld1.Model"
 BUS_NAME = "org.modeld1"
 
 
