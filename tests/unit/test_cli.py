@@ -306,33 +306,6 @@ class FakeModeld:
 
 
 @pytest.fixture
-def bus_address(tmp_path: Path) -> Iterator[str]:
-    """A private session dbus-daemon, gone after the test."""
-    assert DBUS_DAEMON is not None
-    proc = subprocess.Popen(
-        [
-            DBUS_DAEMON,
-            "--session",
-            "--nofork",
-            "--print-address",
-            f"--address=unix:path={tmp_path}/bus",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        address = proc.stdout.readline().strip()
-        assert address.startswith("unix:"), address
-        yield address
-    finally:
-        proc.terminate()
-        proc.wait(5)
-        if proc.stdout is not None:
-            proc.stdout.close()
-
-
-@pytest.fixture
 def fake(bus_address: str) -> Iterator[FakeModeld]:
     service = FakeModeld(bus_address)
     service.start()
