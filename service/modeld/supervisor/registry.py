@@ -302,6 +302,10 @@ class Supervisor:
     def set_pinned(self, name: str, pinned: bool) -> None:
         self.owner(name).set_pinned(pinned)
 
+    def set_max_loaded(self, value: int) -> None:
+        """Cap the number of loaded models (0 = unlimited) until the next reload."""
+        self.max_loaded = value
+
     def _semaphore(self, owner: ModelOwner) -> asyncio.Semaphore:
         """At most ``parallel`` requests reach a backend at once; more wait here."""
         parallel = owner.config.parallel
