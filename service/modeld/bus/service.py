@@ -98,10 +98,10 @@ class _Options:
                 raise InvalidArgs(f"unknown option {key!r}; known options: {', '.join(known)}")
         self._options = options
 
-    def flag(self, key: str) -> bool:
+    def flag(self, key: str, default: bool = False) -> bool:
         variant = self._options.get(key)
         if variant is None:
-            return False
+            return default
         if variant.signature != "b":
             raise InvalidArgs(f"option {key!r} must be a boolean (b), not {variant.signature!r}")
         return bool(variant.value)
@@ -130,11 +130,15 @@ class _Requests:
         return model_object_path(name)
 
     async def unload(self, name: str, options: dict[str, Variant]) -> None:
+        """Unload ``name``; ``wait`` (default true) replies only once it is unloaded."""
         opts = _Options(options, ("force", "wait"))
         force = opts.flag("force")
-        opts.flag("wait")
+        wait = opts.flag("wait", default=True)
         done = await self.supervisor.unload(name, force=force)
-        await done
+        if wait:
+            await done
+        else:
+            _consume(done)
 
 
 class ModelInterface(ApiInterface):

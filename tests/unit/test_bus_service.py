@@ -1,4 +1,4 @@
-"""The gate over a private dbus-daemon: deny by default, one check before dispatch.
+"""modeld's D-Bus service over a private dbus-daemon: the gate (deny by default), Unload.
 
 The real BusService and Gate serve a fake supervisor; the caller's uid comes from an
 Authorizer whose uid lookup is replaced (the tests run as one user), so the real check and
@@ -8,6 +8,7 @@ its error text are exercised.
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -22,7 +23,7 @@ from modeld.bus.authorization import Action, Authorizer
 from modeld.bus.connection import DBusError, ModeldMessageBus, call
 from modeld.bus.gate import ExportError, Gate
 from modeld.bus.service import BusService, ManagerInterface, _Requests
-from modeld.errors import NoSuchModel
+from modeld.errors import Busy, NoSuchModel
 from modeld.naming import MANAGER_PATH, model_object_path
 from modeld.supervisor.status import ModelStatus
 
@@ -313,3 +314,58 @@ def test_a_method_without_a_rule_fails_closed(
     run(bus_address, scenario)
     assert not Undeclared.wiped
     assert root.asked == []
+
+
+async def started(supervisor: FakeSupervisor) -> asyncio.Future[None]:
+    for _ in range(500):
+        if supervisor.unloading is not None:
+            return supervisor.unloading
+        await asyncio.sleep(0.01)
+    raise AssertionError("the unload never reached the supervisor")
+
+
+def test_unload_waits_for_the_unload_unless_wait_is_false(
+    bus_address: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    supervisor = FakeSupervisor()
+    path = model_object_path("demo")
+    no_wait = {"wait": Variant("b", False)}
+
+    async def scenario(service: ModeldMessageBus, client: MessageBus) -> None:
+        BusService(service, supervisor, never_reload, authorizer=AsUid(0)).sync_models()
+        caller = Caller(client, service)
+
+        reply = asyncio.ensure_future(
+            caller(MANAGER_PATH, MANAGER, "Unload", "sa{sv}", ["demo", {}])
+        )
+        unloading = await started(supervisor)
+        await asyncio.sleep(0.2)
+        assert not reply.done()  # no options: waits, as Unload always did
+        unloading.set_result(None)
+        assert await reply == []
+
+        supervisor.unloading = None
+        reply = asyncio.ensure_future(
+            caller(path, MODEL, "Unload", "a{sv}", [{"wait": Variant("b", True)}])
+        )
+        (await started(supervisor)).set_exception(Busy("demo is busy"))
+        with pytest.raises(DBusError) as raised:
+            await reply
+        assert raised.value.type == "org.modeld1.Error.Busy"
+
+        supervisor.unloading = None
+        assert await asyncio.wait_for(caller(path, MODEL, "Unload", "a{sv}", [no_wait]), 5) == []
+        unloading = await started(supervisor)
+        assert not unloading.done()  # replied while the unload goes on
+        unloading.set_exception(Busy("demo is busy"))
+        await asyncio.sleep(0)
+        supervisor.unloading = None
+        del unloading
+        gc.collect()
+
+        err = await caller.error(path, MODEL, "Unload", "a{sv}", [{"wait": Variant("s", "no")}])
+        assert err.type == "org.freedesktop.DBus.Error.InvalidArgs"
+
+    run(bus_address, scenario)
+    assert supervisor.changes == [("unload", "demo", False)] * 3
+    assert "never retrieved" not in caplog.text  # the failure of the unawaited unload is consumed
