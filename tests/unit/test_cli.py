@@ -23,6 +23,7 @@ from dbus_next.constants import PropertyAccess, RequestNameReply
 from dbus_next.errors import DBusError
 from dbus_next.service import ServiceInterface, dbus_property, method, signal
 
+from modeld.bus.api import MANAGER_PROPERTIES, MODEL_PROPERTIES
 from modeld.naming import MANAGER_PATH, model_object_path
 
 SERVICE_DIR = Path(__file__).resolve().parents[2] / "service"
@@ -49,25 +50,8 @@ def dbus_types(**types: str) -> Callable[[Any], Any]:
 
 # -- the fake daemon -----------------------------------------------------------------------
 
-MODEL_PROPERTIES = {
-    "Name": "s",
-    "Backend": "s",
-    "State": "s",
-    "Unit": "s",
-    "ControlGroup": "s",
-    "MainPID": "u",
-    "Endpoint": "s",
-    "MemoryCurrent": "t",
-    "MemoryMax": "t",
-    "GpuMemory": "t",
-    "Gpu": "s",
-    "LastUsed": "t",
-    "InFlight": "u",
-    "Pinned": "b",
-    "ConcurrencyGroups": "as",
-    "LastError": "s",
-    "LoadCount": "u",
-}
+EMPTY: dict[str, Any] = {"s": "", "u": 0, "t": 0, "b": False, "as": []}
+"""A property's value before the fake sets one, by signature."""
 
 # A load script: steps of (delay in seconds | "gate" | "leave", property changes).
 # The first step runs inside Load, before its reply; the rest run in the background.
@@ -80,24 +64,9 @@ class FakeModel(ServiceInterface):
         self.fake = fake
         self.path = model_object_path(name)
         self.values: dict[str, Any] = {
-            "Name": name,
-            "Backend": backend,
-            "State": "unloaded",
-            "Unit": "",
-            "ControlGroup": "",
-            "MainPID": 0,
-            "Endpoint": "",
-            "MemoryCurrent": 0,
-            "MemoryMax": 4 * GiB,
-            "GpuMemory": 0,
-            "Gpu": "",
-            "LastUsed": 0,
-            "InFlight": 0,
-            "Pinned": False,
-            "ConcurrencyGroups": [],
-            "LastError": "",
-            "LoadCount": 0,
+            prop: EMPTY[signature] for prop, signature in MODEL_PROPERTIES.items()
         }
+        self.values.update(Name=name, Backend=backend, State="unloaded", MemoryMax=4 * GiB)
         self.values.update(values)
         self.script: Script = [
             (0, {"State": "loading", "LastError": ""}),
@@ -208,30 +177,27 @@ class FakeManager(ServiceInterface):
     def ModelUnloaded(self, name, path, reason):
         return [name, path, reason]
 
-    @dbus_property(access=PropertyAccess.READ)
-    @dbus_types(return_="s")
-    def Version(self):
-        return "0.1.0-fake"
 
-    @dbus_property(access=PropertyAccess.READ)
-    @dbus_types(return_="u")
-    def LoadedCount(self):
-        return sum(m.values["State"] != "unloaded" for m in self.fake.models.values())
+MANAGER_VALUES: dict[str, Callable[["FakeModeld"], Any]] = {
+    "Version": lambda fake: "0.1.0-fake",
+    "LoadedCount": lambda fake: sum(m.values["State"] != "unloaded" for m in fake.models.values()),
+    "MaxLoaded": lambda fake: 4,
+    "MemoryBudget": lambda fake: 16 * GiB,
+    "MemoryUsed": lambda fake: sum(m.values["MemoryCurrent"] for m in fake.models.values()),
+}
 
-    @dbus_property(access=PropertyAccess.READ)
-    @dbus_types(return_="u")
-    def MaxLoaded(self):
-        return 4
 
-    @dbus_property(access=PropertyAccess.READ)
-    @dbus_types(return_="t")
-    def MemoryBudget(self):
-        return 16 * GiB
+def _manager_property(prop: str, signature: str) -> Any:
+    def getter(self: FakeManager) -> Any:
+        return MANAGER_VALUES[prop](self.fake)
 
-    @dbus_property(access=PropertyAccess.READ)
-    @dbus_types(return_="t")
-    def MemoryUsed(self):
-        return sum(m.values["MemoryCurrent"] for m in self.fake.models.values())
+    getter.__name__ = prop
+    getter.__annotations__ = {"return": signature}
+    return dbus_property(access=PropertyAccess.READ)(getter)
+
+
+for _prop, _signature in MANAGER_PROPERTIES.items():
+    setattr(FakeManager, _prop, _manager_property(_prop, _signature))
 
 
 class FakeModeld:
@@ -337,33 +303,6 @@ class FakeModeld:
 
 
 # -- fixtures -----------------------------------------------------------------------------
-
-
-@pytest.fixture
-def bus_address(tmp_path: Path) -> Iterator[str]:
-    """A private session dbus-daemon, gone after the test."""
-    assert DBUS_DAEMON is not None
-    proc = subprocess.Popen(
-        [
-            DBUS_DAEMON,
-            "--session",
-            "--nofork",
-            "--print-address",
-            f"--address=unix:path={tmp_path}/bus",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        address = proc.stdout.readline().strip()
-        assert address.startswith("unix:"), address
-        yield address
-    finally:
-        proc.terminate()
-        proc.wait(5)
-        if proc.stdout is not None:
-            proc.stdout.close()
 
 
 @pytest.fixture

@@ -4,14 +4,21 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+from dbus_next.constants import PropertyAccess
+from dbus_next.service import ServiceInterface, dbus_property, method
+from dbus_next.signature import Variant
+
+from modeld.bus.authorization import Action, Rule, rule_of
+from modeld.bus.gate import ExportError, check_rules
 from modeld.bus.service import ManagerInterface, ModelInterface
 
 
 def members(interface: Any) -> dict[str, tuple[str, ...]]:
     spec = interface.introspect()
     found: dict[str, tuple[str, ...]] = {}
-    for method in spec.methods:
-        found[f"method {method.name}"] = (method.in_signature, method.out_signature)
+    for member in spec.methods:
+        found[f"method {member.name}"] = (member.in_signature, member.out_signature)
     for signal in spec.signals:
         found[f"signal {signal.name}"] = (signal.signature,)
     for prop in spec.properties:
@@ -69,57 +76,99 @@ def test_model_interface_matches_the_contract() -> None:
     }
 
 
-def test_every_state_changing_member_asks_for_authorization_first() -> None:
-    import asyncio
+def declared_rules(interface: Any) -> dict[str, Rule | None]:
+    found = {f"method {m.name}": rule_of(m.fn) for m in ServiceInterface._get_methods(interface)}
+    for prop in ServiceInterface._get_properties(interface):
+        if rule_of(prop.prop_getter) is not None:
+            found[f"set {prop.name}"] = rule_of(prop.prop_getter)
+    return found
 
-    import pytest
 
-    from modeld.bus.service import _Requests
-    from modeld.errors import AccessDenied
-    from modeld.system.dbus import DBusError
+def test_every_member_declares_its_rule() -> None:
+    """Reads are open; state changes name the polkit action they will map to."""
+    manager = ManagerInterface(requests=None, reload=None)  # type: ignore[arg-type]
+    model = ModelInterface("demo", requests=None)  # type: ignore[arg-type]
+    assert declared_rules(manager) == {
+        "method Load": Rule.LOAD,
+        "method Unload": Rule.UNLOAD,
+        "method ListModels": Rule.READ,
+        "method GetModel": Rule.READ,
+        "method Reload": Rule.MANAGE,
+        "method Acquire": Rule.USE,
+        "set MaxLoaded": Rule.MANAGE,
+    }
+    assert declared_rules(model) == {
+        "method Load": Rule.LOAD,
+        "method Unload": Rule.UNLOAD,
+        "method SetPinned": Rule.MANAGE,
+    }
+    check_rules(manager)
+    check_rules(model)
 
-    class Untouchable:
-        def __getattr__(self, name: str) -> Any:
-            raise AssertionError(f"supervisor.{name} used before authorization")
 
-    asked: list[str] = []
+def test_rules_decide_the_action_per_call() -> None:
+    def pinned() -> bool:
+        return True
 
-    class Deny:
-        async def check(self, action: str) -> None:
-            asked.append(action)
-            raise AccessDenied(f"{action}: not allowed")
+    def unpinned() -> bool:
+        return False
 
-    async def reload() -> None:
-        raise AssertionError("reloaded before authorization")
+    def unasked() -> bool:
+        raise AssertionError("pinned state asked for a rule that does not depend on it")
 
-    requests = _Requests(Untouchable(), Deny(), bus=None)  # type: ignore[arg-type]
-    manager = ManagerInterface(requests, reload)
-    model = ModelInterface("demo", requests)
-    from modeld.bus.connection import ServiceInterface
+    def force(value: Any, signature: str = "b") -> dict[str, Variant]:
+        return {"force": Variant(signature, value)}
 
-    def handler(interface: Any, name: str) -> Any:
-        """The function dbus-next dispatches to (the decorated attribute drops results)."""
-        return next(m.fn for m in ServiceInterface._get_methods(interface) if m.name == name)
+    assert Rule.READ.action(force(True), unasked) is None
+    assert Rule.USE.action(force(True), unasked) is Action.USE
+    assert Rule.MANAGE.action({}, unasked) is Action.MANAGE
+    assert Rule.LOAD.action({}, unasked) is Action.USE
+    assert Rule.LOAD.action({"wait": Variant("b", True)}, unasked) is Action.USE
+    assert Rule.LOAD.action(force(False), unasked) is Action.USE
+    assert Rule.LOAD.action(force(True), unasked) is Action.MANAGE
+    assert Rule.LOAD.action(force("yes", "s"), unasked) is Action.MANAGE  # malformed: stricter
+    assert Rule.UNLOAD.action({}, unpinned) is Action.USE
+    assert Rule.UNLOAD.action({}, pinned) is Action.MANAGE
+    assert Rule.UNLOAD.action(force(True), unasked) is Action.MANAGE
+    assert str(Action.USE) == "org.modeld1.use"
+    assert str(Action.MANAGE) == "org.modeld1.manage"
 
-    calls = [
-        (manager, "Load", ("demo", {})),
-        (manager, "Unload", ("demo", {})),
-        (manager, "Reload", ()),
-        (manager, "Acquire", ("demo", {})),
-        (model, "Load", ({},)),
-        (model, "Unload", ({},)),
-        (model, "SetPinned", (True,)),
-    ]
-    for interface, name, args in calls:
-        with pytest.raises(DBusError) as raised:
-            asyncio.run(handler(interface, name)(interface, *args))
-        assert raised.value.type == "org.modeld1.Error.AccessDenied", name
-    assert asked == [
-        "load demo",
-        "unload demo",
-        "reload",
-        "acquire demo",
-        "load demo",
-        "unload demo",
-        "pin demo",
-    ]
+
+class Undeclared(ManagerInterface):
+    """The manager plus a method that forgot to declare its rule."""
+
+    @method()
+    async def Wipe(self):
+        raise AssertionError("Wipe ran")
+
+
+def _max_loaded_without_a_rule(self: Any) -> Any:
+    return 0
+
+
+_max_loaded_without_a_rule.__annotations__["return"] = "u"
+
+
+class UndeclaredWrite(ManagerInterface):
+    """The manager whose writable MaxLoaded forgot its rule for writes."""
+
+    MaxLoaded = dbus_property(access=PropertyAccess.READ, name="MaxLoaded")(
+        _max_loaded_without_a_rule
+    )
+
+
+def test_export_refuses_a_member_without_a_rule() -> None:
+    with pytest.raises(ExportError, match=r"^org\.modeld1\.Manager\.Wipe declares no"):
+        check_rules(Undeclared(requests=None, reload=None))  # type: ignore[arg-type]
+    with pytest.raises(ExportError, match=r"MaxLoaded is writable but declares no rule"):
+        check_rules(UndeclaredWrite(requests=None, reload=None))  # type: ignore[arg-type]
+
+
+def test_the_property_tables_match_the_interfaces() -> None:
+    from modeld.bus.api import MANAGER_PROPERTIES, MODEL_PROPERTIES, PROPERTIES
+
+    manager = ManagerInterface(requests=None, reload=None)  # type: ignore[arg-type]
+    model = ModelInterface("demo", requests=None)  # type: ignore[arg-type]
+    for interface, table in ((manager, MANAGER_PROPERTIES), (model, MODEL_PROPERTIES)):
+        assert PROPERTIES[interface.name] is table
+        assert {p.name: p.signature for p in interface.introspect().properties} == table

@@ -10,21 +10,36 @@ import asyncio
 import os
 from typing import Any
 
-from dbus_next.constants import PropertyAccess
+from dbus_next import introspection
+from dbus_next.constants import ErrorType, MessageFlag, PropertyAccess
 from dbus_next.service import ServiceInterface, dbus_property, method, signal
 
 from modeld.errors import ERROR_PREFIX
 from modeld.naming import MANAGER_PATH
-from modeld.system.dbus import OBJECT_MANAGER_INTERFACE, DBusError, Message, MessageBus
+from modeld.system.dbus import (
+    OBJECT_MANAGER_INTERFACE,
+    DBusError,
+    Message,
+    MessageBus,
+    MessageType,
+    Variant,
+)
 
 INTERNAL_ERROR = ERROR_PREFIX + "Internal"
 
 __all__ = [
     "INTERNAL_ERROR",
+    "DBusError",
+    "ErrorType",
+    "Message",
+    "MessageFlag",
+    "MessageType",
     "ModeldMessageBus",
     "PropertyAccess",
     "ServiceInterface",
+    "Variant",
     "dbus_property",
+    "introspection",
     "method",
     "signal",
 ]

@@ -1,8 +1,9 @@
 """The org.modeld1 D-Bus API (version 1): a thin adapter over the supervisor.
 
-Each method converts its arguments, checks authorization, calls the supervisor and converts
-the result. Errors become ``org.modeld1.Error.*`` replies with one line of text; no
-traceback ever crosses the bus.
+Each method declares its authorization rule (checked by :mod:`modeld.bus.gate` before the
+method runs), converts its arguments, calls the supervisor and converts the result. Errors
+become ``org.modeld1.Error.*`` replies with one line of text; no traceback ever crosses the
+bus.
 """
 
 # dbus-next evaluates annotations as D-Bus signatures (modeld.bus.signatures), hence no
@@ -12,20 +13,22 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any, TypeVar
 
 from modeld import __version__
-from modeld.bus.authorization import Authorizer
+from modeld.bus.authorization import Authorizer, Rule, authorized
 from modeld.bus.connection import (
     INTERNAL_ERROR,
+    DBusError,
     ModeldMessageBus,
     PropertyAccess,
-    ServiceInterface,
+    Variant,
     dbus_property,
     method,
     signal,
 )
+from modeld.bus.gate import ApiInterface, Gate
 from modeld.bus.signatures import (
     BOOLEAN,
     ENDPOINT_AND_LEASE,
@@ -43,7 +46,6 @@ from modeld.errors import InvalidArgs, ModeldError
 from modeld.naming import MANAGER_INTERFACE, MANAGER_PATH, MODEL_INTERFACE, model_object_path
 from modeld.supervisor.registry import Supervisor
 from modeld.supervisor.status import ModelStatus, StatusChange
-from modeld.system.dbus import DBusError, Message, MessageType, Variant
 
 log = logging.getLogger(__name__)
 
@@ -98,10 +100,10 @@ class _Options:
                 raise InvalidArgs(f"unknown option {key!r}; known options: {', '.join(known)}")
         self._options = options
 
-    def flag(self, key: str) -> bool:
+    def flag(self, key: str, default: bool = False) -> bool:
         variant = self._options.get(key)
         if variant is None:
-            return False
+            return default
         if variant.signature != "b":
             raise InvalidArgs(f"option {key!r} must be a boolean (b), not {variant.signature!r}")
         return bool(variant.value)
@@ -114,18 +116,14 @@ def _consume(future: asyncio.Future[None]) -> None:
 class _Requests:
     """The operations shared by the Manager and Model interfaces."""
 
-    def __init__(
-        self, supervisor: Supervisor, authorizer: Authorizer, bus: ModeldMessageBus
-    ) -> None:
+    def __init__(self, supervisor: Supervisor, bus: ModeldMessageBus) -> None:
         self.supervisor = supervisor
-        self.authorizer = authorizer
         self.bus = bus
 
     async def load(self, name: str, options: dict[str, Variant]) -> str:
         opts = _Options(options, ("wait", "force"))
         wait = opts.flag("wait")
         force = opts.flag("force")
-        await self.authorizer.check("load " + name)
         done = await self.supervisor.load(name, force=force)
         if wait:
             await done
@@ -134,15 +132,18 @@ class _Requests:
         return model_object_path(name)
 
     async def unload(self, name: str, options: dict[str, Variant]) -> None:
+        """Unload ``name``; ``wait`` (default true) replies only once it is unloaded."""
         opts = _Options(options, ("force", "wait"))
         force = opts.flag("force")
-        opts.flag("wait")
-        await self.authorizer.check("unload " + name)
+        wait = opts.flag("wait", default=True)
         done = await self.supervisor.unload(name, force=force)
-        await done
+        if wait:
+            await done
+        else:
+            _consume(done)
 
 
-class ModelInterface(ServiceInterface):
+class ModelInterface(ApiInterface):
     """org.modeld1.Model for one configured model."""
 
     def __init__(self, model_name: str, requests: _Requests) -> None:
@@ -153,6 +154,9 @@ class ModelInterface(ServiceInterface):
     @property
     def _supervisor(self) -> Supervisor:
         return self._requests.supervisor
+
+    def model_of(self, args: Mapping[str, Any]) -> str:
+        return self._model_name
 
     def _status(self) -> Any:
         return self._supervisor.status(self._model_name)
@@ -226,23 +230,25 @@ class ModelInterface(ServiceInterface):
         return self._status().load_count
 
     @method()
+    @authorized(Rule.LOAD)
     @_replies_errors
     async def Load(self, options: OPTIONS) -> OBJECT_PATH:
         return await self._requests.load(self._model_name, options)
 
     @method()
+    @authorized(Rule.UNLOAD)
     @_replies_errors
     async def Unload(self, options: OPTIONS) -> None:
         await self._requests.unload(self._model_name, options)
 
     @method()
+    @authorized(Rule.MANAGE)
     @_replies_errors
     async def SetPinned(self, pinned: BOOLEAN) -> None:
-        await self._requests.authorizer.check("pin " + self._model_name)
         self._supervisor.set_pinned(self._model_name, pinned)
 
 
-class ManagerInterface(ServiceInterface):
+class ManagerInterface(ApiInterface):
     """org.modeld1.Manager at /org/modeld1."""
 
     def __init__(self, requests: _Requests, reload: Callable[[], Awaitable[None]]) -> None:
@@ -255,16 +261,19 @@ class ManagerInterface(ServiceInterface):
         return self._requests.supervisor
 
     @method()
+    @authorized(Rule.LOAD)
     @_replies_errors
     async def Load(self, name: STRING, options: OPTIONS) -> OBJECT_PATH:
         return await self._requests.load(name, options)
 
     @method()
+    @authorized(Rule.UNLOAD)
     @_replies_errors
     async def Unload(self, name: STRING, options: OPTIONS) -> None:
         await self._requests.unload(name, options)
 
     @method()
+    @authorized(Rule.READ)
     def ListModels(self) -> MODEL_LIST:
         return [
             [o.name, str(o.status.state), o.config.backend, model_object_path(o.name)]
@@ -272,22 +281,23 @@ class ManagerInterface(ServiceInterface):
         ]
 
     @method()
+    @authorized(Rule.READ)
     @_replies_errors
     async def GetModel(self, name: STRING) -> OBJECT_PATH:
         self._supervisor.owner(name)
         return model_object_path(name)
 
     @method()
+    @authorized(Rule.MANAGE)
     @_replies_errors
     async def Reload(self) -> None:
-        await self._requests.authorizer.check("reload")
         await self._reload()
 
     @method()
+    @authorized(Rule.USE)
     @_replies_errors
     async def Acquire(self, name: STRING, options: OPTIONS) -> ENDPOINT_AND_LEASE:
         _Options(options, ())
-        await self._requests.authorizer.check("acquire " + name)
         lease = await self._supervisor.acquire(name)
         self._requests.bus.close_after_send(lease.client_fd)
         return [lease.endpoint, lease.client_fd]
@@ -308,14 +318,11 @@ class ManagerInterface(ServiceInterface):
     def LoadedCount(self) -> UINT32:
         return self._supervisor.loaded_count()
 
-    @dbus_property(access=PropertyAccess.READWRITE)
+    @dbus_property(access=PropertyAccess.READ)
+    @authorized(Rule.MANAGE)
     def MaxLoaded(self) -> UINT32:
+        """Read-write (api.WRITABLE): the gate authorizes writes, BusService applies them."""
         return self._supervisor.max_loaded
-
-    @MaxLoaded.setter  # type: ignore[no-redef]
-    def MaxLoaded(self, value: UINT32) -> None:
-        # Writes are authorized and applied in BusService._on_property_set.
-        self._supervisor.max_loaded = value
 
     @dbus_property(access=PropertyAccess.READ)
     def MemoryBudget(self) -> UINT64:
@@ -327,75 +334,54 @@ class ManagerInterface(ServiceInterface):
 
 
 class BusService:
-    """Exports the API, mirrors owner events as signals, and guards property writes."""
+    """Exports the API through the gate, applies property writes, mirrors owner events."""
 
     def __init__(
         self,
         bus: ModeldMessageBus,
         supervisor: Supervisor,
         reload: Callable[[], Awaitable[None]],
+        *,
+        authorizer: Authorizer | None = None,
     ) -> None:
-        self._bus = bus
         self._supervisor = supervisor
-        self._authorizer = Authorizer(bus)
-        self._requests = _Requests(supervisor, self._authorizer, bus)
+        self._gate = Gate(
+            bus,
+            authorizer if authorizer is not None else Authorizer(bus),
+            pinned=self._pinned,
+            write=self._on_property_set,
+        )
+        self._requests = _Requests(supervisor, bus)
         self.manager = ManagerInterface(self._requests, reload)
         self._models: dict[str, ModelInterface] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
-        bus.add_message_handler(self._on_message)
-        bus.export(MANAGER_PATH, self.manager)
+        self._gate.export(MANAGER_PATH, self.manager)
 
     def sync_models(self) -> None:
         """Export an object per configured model; drop objects of removed models."""
         names = {o.name for o in self._supervisor.owners()}
         for name in list(self._models):
             if name not in names:
-                self._bus.unexport(model_object_path(name), self._models.pop(name))
+                self._gate.unexport(model_object_path(name), self._models.pop(name))
         for name in sorted(names - set(self._models)):
             interface = ModelInterface(name, self._requests)
             self._models[name] = interface
-            self._bus.export(model_object_path(name), interface)
+            self._gate.export(model_object_path(name), interface)
 
-    def _on_message(self, msg: Message) -> bool | None:
-        if msg.message_type is not MessageType.METHOD_CALL:
-            return None
-        self._authorizer.remember_sender(msg.sender)
-        if (
-            msg.interface == "org.freedesktop.DBus.Properties"
-            and msg.member == "Set"
-            and msg.path == MANAGER_PATH
-            and msg.body
-            and msg.body[0] == MANAGER_INTERFACE
-        ):
-            task = asyncio.create_task(self._on_property_set(msg))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-            return True
-        return None
-
-    async def _on_property_set(self, msg: Message) -> None:
-        _iface, prop, variant = msg.body
+    def _pinned(self, model: str) -> bool:
         try:
-            if prop != "MaxLoaded":
-                raise DBusError(
-                    "org.freedesktop.DBus.Error.PropertyReadOnly", f"property {prop} is read-only"
-                )
-            if variant.signature != "u":
-                raise DBusError(
-                    "org.freedesktop.DBus.Error.InvalidArgs", "MaxLoaded takes a uint32 (u)"
-                )
-            try:
-                await self._authorizer.check("set MaxLoaded")
-            except ModeldError as err:
-                raise DBusError(err.dbus_name, err.message) from None
-            self._supervisor.set_max_loaded(int(variant.value))
-            log.info("MaxLoaded set to %d", variant.value)
-            self.manager.emit_properties_changed({"MaxLoaded": int(variant.value)})
-            reply = Message.new_method_return(msg)
-        except DBusError as err:
-            reply = Message.new_error(msg, err.type, err.text)
-        if not msg.flags & 0x1:
-            self._bus.send(reply)
+            return self._supervisor.status(model).pinned
+        except ModeldError:
+            return False
+
+    def _on_property_set(self, interface: ApiInterface, prop: str, value: Any) -> None:
+        """Apply a write the gate authorized and type-checked (``api.WRITABLE`` lists them)."""
+        if interface is not self.manager or prop != "MaxLoaded":
+            raise DBusError(
+                "org.freedesktop.DBus.Error.PropertyReadOnly", f"property {prop} is read-only"
+            )
+        self._supervisor.set_max_loaded(int(value))
+        log.info("MaxLoaded set to %d", value)
+        self.manager.emit_properties_changed({"MaxLoaded": int(value)})
 
     # -------------------------------------------------------- OwnerObserver interface
 
