@@ -8,6 +8,7 @@ import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from busclient import SignalRecorder, call, connect
@@ -106,6 +107,35 @@ def test_max_loaded_is_writable_and_pinned_models_are_not_evicted(modeld: Modeld
         check=False,
     )
     assert bad.returncode != 0 and "read-only" in bad.stderr
+
+
+def test_a_reload_puts_a_runtime_max_loaded_back_to_the_configured_value(
+    modeld: Modeld,
+) -> None:
+    """MaxLoaded written at runtime lasts until the next reload (documented in README)."""
+    modeld.sandbox.busctl(
+        "set-property", "org.modeld1", "/org/modeld1", "org.modeld1.Manager", "MaxLoaded", "u", "1"
+    )
+    assert modeld.manager_prop("MaxLoaded") == 1
+
+    async def reload() -> list[Any]:
+        async with connect(modeld.sandbox.bus_address) as bus:
+            recorder = await SignalRecorder(bus).start()
+            reply = await call(bus, "Reload")
+            assert reply.error_name is None, reply.body
+            await recorder.wait_for(
+                lambda: any("MaxLoaded" in body[1] for _p, m, body in recorder.signals), 10
+            )
+            return [
+                body[1]["MaxLoaded"].value
+                for path, member, body in recorder.signals
+                if path == "/org/modeld1"
+                and member == "PropertiesChanged"
+                and "MaxLoaded" in body[1]
+            ]
+
+    assert asyncio.run(reload()) == [2]  # announced, so caching clients see it
+    assert modeld.manager_prop("MaxLoaded") == 2
 
 
 def test_sighup_and_reload_pick_up_new_models_and_refuse_invalid_config(

@@ -2,7 +2,7 @@
 
 A pure function over a snapshot (states, last use, in-flight requests, pins, groups,
 measured memory and GPU memory, configured needs) and limits. It does no I/O, logs
-nothing and reads no clock: a decision is only a proposal until the supervisor commits it,
+nothing and reads no clock: a decision is only a proposal until the scheduler acts on it,
 so it may be asked again and again while busy models drain.
 
 Policies, in this order (LocalAI's semantics where it has them):
