@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 from fakes import FakeMeasurements, RecordingEffects, model_config
 
-from modeld.core.eviction import GpuView
+from modeld.core.eviction import GpuView, decide_load
 from modeld.core.states import ModelState
-from modeld.errors import Busy, InsufficientResources, NoSuchModel
+from modeld.errors import Busy, InsufficientResources, LoadFailed, NoSuchModel
 from modeld.supervisor.scheduler import Scheduler, SchedulerPolicy
 from modeld.supervisor.status import ModelStatus, StatusChange
 from modeld.system.pressure import PressureReading
@@ -388,5 +388,27 @@ def test_pressure_with_nothing_idle_to_unload_does_nothing(
         w.scheduler.pressure()
         await w.scheduler.flush()
         assert w.effects.effects == []
+
+    run(scenario)
+
+
+def test_an_internal_error_fails_the_load_and_the_scheduler_goes_on(
+    world: Callable[..., Awaitable[World]],
+) -> None:
+    calls: list[str] = []
+
+    def broken_once(target: str, *args: Any) -> Any:
+        calls.append(target)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return decide_load(target, *args)
+
+    async def scenario() -> None:
+        w = await world(SchedulerPolicy(), decide=broken_once)
+        w.model("a")
+        with pytest.raises(LoadFailed, match=r"internal error in modeld's scheduler \(boom\)"):
+            await w.scheduler.load("a")
+        await w.scheduler.load("a")  # the next load is decided normally
+        assert [e.name for e in w.effects.kinds("start_load")] == ["a"]
 
     run(scenario)

@@ -35,6 +35,7 @@ from modeld.errors import LoadFailed, ModeldError
 from modeld.naming import backend_socket, scope_name
 from modeld.rpc.client import BackendClient
 from modeld.supervisor.backend_run import BackendRun, OwnerContext
+from modeld.supervisor.mailbox import serve
 from modeld.supervisor.records import BackendRecord
 from modeld.supervisor.spawn import AdoptedProcess, ExitStatus
 from modeld.supervisor.status import ModelStatus, StatusChange
@@ -203,7 +204,10 @@ class ModelOwner:
         self._ready_at = 0.0
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._failures_in_a_row = 0
-        self._task = asyncio.create_task(self._run(), name=f"owner:{config.name}")
+        self._task = asyncio.create_task(
+            serve(self._inbox, self._handle, self._release_callers, f"model {config.name}"),
+            name=f"owner:{config.name}",
+        )
 
     @property
     def name(self) -> str:
@@ -320,19 +324,6 @@ class ModelOwner:
             await self._task
 
     # ------------------------------------------------------------------ the owner task
-
-    async def _run(self) -> None:
-        while True:
-            message = await self._inbox.get()
-            try:
-                await self._handle(message)
-            except asyncio.CancelledError:
-                raise
-            except Exception as err:
-                log.exception(
-                    "model %s: internal error handling %s", self.name, type(message).__name__
-                )
-                self._release_callers(message, err)
 
     def _release_callers(self, message: _Message, err: Exception) -> None:
         """After an internal error, nobody waiting on this owner may hang: fail them all."""

@@ -46,6 +46,7 @@ from modeld.core.eviction import (
 from modeld.core.pressure import Hysteresis, stall_percent
 from modeld.core.states import ModelState
 from modeld.errors import Busy, InsufficientResources, LoadFailed, ModeldError, NoSuchModel
+from modeld.supervisor.mailbox import serve
 from modeld.supervisor.measurements import GpuReading, Measurements
 from modeld.supervisor.status import ModelStatus, StatusChange
 from modeld.system.pressure import PressureReading
@@ -235,7 +236,9 @@ class Scheduler:
         self._relief: _Relief | None = None
         self._reconsider_posted = False
         self._inbox: asyncio.Queue[_Message] = asyncio.Queue()
-        self._task = asyncio.create_task(self._run(), name="scheduler")
+        self._task = asyncio.create_task(
+            serve(self._inbox, self._handle, self._release, "scheduler"), name="scheduler"
+        )
 
     # ----------------------------------------------------------------- thin clients
 
@@ -292,17 +295,6 @@ class Scheduler:
 
     def _post(self, message: _Message) -> None:
         self._inbox.put_nowait(message)
-
-    async def _run(self) -> None:
-        while True:
-            message = await self._inbox.get()
-            try:
-                await self._handle(message)
-            except asyncio.CancelledError:
-                raise
-            except Exception as err:
-                log.exception("scheduler: internal error handling %s", type(message).__name__)
-                self._release(message, err)
 
     def _release(self, message: _Message, err: Exception) -> None:
         """After an internal error nobody waits forever: fail what the message concerned."""
