@@ -16,6 +16,7 @@ The daemon file (:data:`DEFAULT_CONFIG_PATH`, all keys optional)::
     backend_user = ""               # "" = the daemon picks its default
     load_stall_timeout = "120s"     # 0 = no stall detection
     stop_timeout = "10s"            # SIGTERM -> SIGKILL grace, > 0
+    max_queue = 16                  # requests that may wait per model (models' default)
 
 Relative paths in the daemon file are relative to the directory holding it.
 
@@ -130,6 +131,7 @@ _DAEMON_KEYS: Final = (
     "backend_user",
     "load_stall_timeout",
     "stop_timeout",
+    "max_queue",
 )
 _MODEL_KEYS: Final = (
     "backend",
@@ -142,6 +144,7 @@ _MODEL_KEYS: Final = (
     "idle_timeout",
     "busy_timeout",
     "parallel",
+    "max_queue",
     "restart",
     "user",
     "tasks_max",
@@ -210,6 +213,9 @@ class DaemonConfig:
     backend_user: str | None
     load_stall_timeout: float
     stop_timeout: float
+    max_queue: int
+    """Requests that may wait for a model (load or slot) before more are refused; the
+    default of each model's ``max_queue``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,6 +232,7 @@ class ModelConfig:
         idle_timeout = "10m"        # default: the daemon's
         busy_timeout = "5m"         # default: the daemon's
         parallel = 1
+        max_queue = 16              # default: the daemon's; requests waiting beyond parallel
         restart = "no"              # or "on-failure"
         user = "modeld"             # default: the daemon's backend_user
         tasks_max = 4096
@@ -256,6 +263,7 @@ class ModelConfig:
     idle_timeout: float
     busy_timeout: float
     parallel: int
+    max_queue: int
     restart: RestartPolicy
     user: str | None
     tasks_max: int
@@ -451,6 +459,7 @@ def _parse_daemon(
         backend_user=user or None,
         load_stall_timeout=t.duration("load_stall_timeout", 120.0),
         stop_timeout=t.duration("stop_timeout", 10.0, positive=True),
+        max_queue=t.integer("max_queue", 16, 0),
     )
 
 
@@ -624,6 +633,7 @@ def _parse_model(
         idle_timeout=t.duration("idle_timeout", daemon.idle_timeout),
         busy_timeout=t.duration("busy_timeout", daemon.busy_timeout),
         parallel=t.integer("parallel", 1, 1),
+        max_queue=t.integer("max_queue", daemon.max_queue, 0),
         restart=cast("RestartPolicy", restart),
         user=user or None,
         tasks_max=t.integer("tasks_max", 4096, 1),

@@ -42,6 +42,16 @@ class InsufficientResources(ModeldError):
     dbus_name = ERROR_PREFIX + "InsufficientResources"
 
 
+class QueueFull(ModeldError):
+    """Too many requests wait for a model already; ``retry_after`` is in seconds."""
+
+    dbus_name = ERROR_PREFIX + "Busy"
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class InvalidConfig(ModeldError):
     dbus_name = ERROR_PREFIX + "InvalidConfig"
 

@@ -56,7 +56,8 @@ async def one_round(supervisor: Supervisor, watch: Watch, *, force: bool) -> Bas
     await (await supervisor.load("a", force=True))
 
     async def request() -> None:
-        async with supervisor.serving("a") as client:
+        async with supervisor.serving("a") as ticket:
+            client = await ticket.client()
             watch.running_on_a += 1
             try:
                 await client.stub.Predict(backend_pb2.PredictOptions(Prompt="The sea", Tokens=4))

@@ -365,6 +365,7 @@ def test_minimal_model(setup: Setup) -> None:
     assert m.idle_timeout == 0.0
     assert m.busy_timeout == 0.0
     assert m.parallel == 1
+    assert m.max_queue == 16  # the daemon's default
     assert m.restart == "no"
     assert m.user is None
     assert m.tasks_max == 4096
@@ -387,6 +388,7 @@ pinned = true
 idle_timeout = "10m"
 busy_timeout = "5m"
 parallel = 4
+max_queue = 0
 restart = "on-failure"
 user = "modeld"
 tasks_max = 128
@@ -411,6 +413,7 @@ LoraScales = [0.5, 1]
     assert m.idle_timeout == 600.0
     assert m.busy_timeout == 300.0
     assert m.parallel == 4
+    assert m.max_queue == 0
     assert m.restart == "on-failure"
     assert m.user == "modeld"
     assert m.tasks_max == 128
@@ -449,6 +452,16 @@ def test_model_timeouts_default_to_the_daemons(setup: Setup) -> None:
     assert cfg.models["m"].idle_timeout == 900.0
     assert cfg.models["m"].busy_timeout == 60.0
     assert cfg.models["n"].idle_timeout == 0.0
+
+
+def test_model_max_queue_defaults_to_the_daemons(setup: Setup) -> None:
+    setup.daemon("max_queue = 3\n")
+    setup.model("m", 'backend = "b"\n')
+    setup.model("n", 'backend = "b"\nmax_queue = 40\n')
+    cfg = setup.load()
+    assert cfg.daemon.max_queue == 3
+    assert cfg.models["m"].max_queue == 3
+    assert cfg.models["n"].max_queue == 40
 
 
 def test_memory_high_defaults_to_90_percent(setup: Setup) -> None:
@@ -659,6 +672,7 @@ def test_model_name_problem(name: str, problem: str | None) -> None:
             "expected a duration like 90, 500ms, 15m or 1h30m (got an array)",
         ),
         ('backend = "b"\nparallel = 0', "parallel", "must be at least 1 (got 0)"),
+        ('backend = "b"\nmax_queue = -1', "max_queue", "must be at least 0 (got -1)"),
         ('backend = "b"\nparallel = 1.0', "parallel", "expected an integer (got float 1.0)"),
         (
             'backend = "b"\nrestart = "always"',

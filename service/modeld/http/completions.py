@@ -15,7 +15,14 @@ import grpc
 import grpc.aio
 from aiohttp import web
 
-from modeld.errors import Busy, InsufficientResources, LoadFailed, ModeldError, NoSuchModel
+from modeld.errors import (
+    Busy,
+    InsufficientResources,
+    LoadFailed,
+    ModeldError,
+    NoSuchModel,
+    QueueFull,
+)
 from modeld.rpc import backend_pb2
 from modeld.supervisor.registry import Supervisor
 
@@ -28,8 +35,12 @@ class BadRequest(Exception):
         self.param = param
 
 
-def error_response(status: int, message: str, kind: str, **extra: Any) -> web.Response:
-    headers = {"Retry-After": "1"} if status == 503 else None
+def error_response(
+    status: int, message: str, kind: str, *, retry_after: int | None = None, **extra: Any
+) -> web.Response:
+    if retry_after is None and status == 503:
+        retry_after = 1
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
     body = {"error": {"message": message, "type": kind, **extra}}
     return web.json_response(body, status=status, headers=headers)
 
@@ -87,10 +98,15 @@ async def completions(request: web.Request, supervisor: Supervisor) -> web.Respo
     except BadRequest as err:
         return error_response(400, str(err), "invalid_request_error", param=err.param)
     try:
-        async with supervisor.serving(model) as client:
+        async with supervisor.serving(model) as ticket:
+            client = await ticket.client()
             reply = await client.stub.Predict(options)
     except NoSuchModel as err:
         return error_response(404, err.message, "invalid_request_error", code="model_not_found")
+    except QueueFull as err:
+        return error_response(
+            429, err.message, "rate_limit_error", code="queue_full", retry_after=err.retry_after
+        )
     except (Busy, InsufficientResources, LoadFailed) as err:
         return error_response(503, err.message, "server_error", code=type(err).__name__)
     except ModeldError as err:

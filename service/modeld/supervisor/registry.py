@@ -26,6 +26,7 @@ from modeld.supervisor.backend_run import OwnerContext
 from modeld.supervisor.measurements import HostMeasurements
 from modeld.supervisor.owner import ModelOwner, OwnerObserver
 from modeld.supervisor.records import RecordStore
+from modeld.supervisor.request_queue import RequestQueue
 from modeld.supervisor.scheduler import DecideFunction, Scheduler, SchedulerPolicy
 from modeld.supervisor.status import ModelStatus, StatusChange
 from modeld.supervisor.systemd_api import SystemdApi
@@ -65,6 +66,33 @@ class OwnerEffects:
         owner = self._owners.get(name)
         if owner is not None:
             owner.report_gpu_memory(used)
+
+
+class Ticket:
+    """A request's place in its model's queue (see :meth:`Supervisor.serving`)."""
+
+    def __init__(
+        self, supervisor: Supervisor, owner: ModelOwner, queue: RequestQueue, request: int
+    ) -> None:
+        self._supervisor = supervisor
+        self._owner = owner
+        self._queue = queue
+        self._request = request
+        self.has_slot = False
+
+    async def client(self) -> BackendClient:
+        """Load the model if needed, wait for a slot, and return the backend's client.
+
+        Raises what a load raises (Busy, InsufficientResources, LoadFailed).
+        """
+        await (await self._supervisor.load(self._owner.name))
+        await self._queue.take_slot()
+        self.has_slot = True
+        client = self._owner.client
+        if client is None:
+            raise LoadFailed(f"{self._owner.name} went away before the request could be served")
+        self._owner.request_running(self._request)
+        return client
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +135,7 @@ class Supervisor:
             read_pressure=(lambda: read_pressure(path)) if path is not None else None,
             decide=decide,
         )
-        self._parallel: dict[str, tuple[int, asyncio.Semaphore]] = {}
+        self._queues: dict[str, RequestQueue] = {}
         self.pressure: PressureTrigger | None = None
         self._generations: dict[str, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -355,34 +383,33 @@ class Supervisor:
     def set_pinned(self, name: str, pinned: bool) -> None:
         self.owner(name).set_pinned(pinned)
 
-    def _semaphore(self, owner: ModelOwner) -> asyncio.Semaphore:
-        """At most ``parallel`` requests reach a backend at once; more wait here."""
-        parallel = owner.config.parallel
-        current = self._parallel.get(owner.name)
-        if current is None or current[0] != parallel:
-            current = (parallel, asyncio.Semaphore(parallel))
-            self._parallel[owner.name] = current
-        return current[1]
+    def queue(self, name: str) -> RequestQueue:
+        """The request queue of ``name`` (resized for the next requests after a reload)."""
+        config = self.owner(name).config
+        queue = self._queues.get(name)
+        if queue is None or queue.resized(config.parallel, config.max_queue):
+            queue = RequestQueue(name, config.parallel, config.max_queue)
+            self._queues[name] = queue
+        return queue
 
     @contextlib.asynccontextmanager
-    async def serving(self, name: str) -> AsyncIterator[BackendClient]:
-        """Serve one request: load ``name`` if needed and count the request in flight.
+    async def serving(self, name: str) -> AsyncIterator[Ticket]:
+        """Serve one request of ``name``: the block holds its place until it ends.
 
-        The request counts as use from the moment it is accepted (so the model is not
-        evicted while the request waits for it or for a ``parallel`` slot) until the block
-        ends; the busy timeout measures it from when it gets its slot.
+        Raises NoSuchModel, or QueueFull when ``max_queue`` requests already wait. The
+        request counts as use of the model from here (so the model is not evicted while it
+        waits to load or for a ``parallel`` slot) until the block ends; the busy timeout
+        measures it from when it gets its slot (:meth:`Ticket.client`).
         """
         owner = self.owner(name)
+        queue = self.queue(name)
+        queue.enter()
         request = owner.begin_request()
+        ticket = Ticket(self, owner, queue, request)
         try:
-            await (await self.load(name))
-            async with self._semaphore(owner):
-                client = owner.client
-                if client is None:
-                    raise LoadFailed(f"{name} went away before the request could be served")
-                owner.request_running(request)
-                yield client
+            yield ticket
         finally:
+            queue.leave(had_slot=ticket.has_slot)
             owner.end_request(request)
 
     async def acquire(self, name: str) -> Lease:
