@@ -125,10 +125,12 @@ class BackendRun:
         *,
         gpu: str,
         on_exit: Callable[[ExitStatus], None],
-        on_started: Callable[[int], None],
-        on_cgroup: Callable[[str], None],
+        on_in_scope: Callable[[int, str], None],
     ) -> None:
-        """Start the backend and load the model; raises LoadFailed (or SystemdError)."""
+        """Start the backend and load the model; raises LoadFailed (or SystemdError).
+
+        ``on_in_scope`` gets the process's pid and the scope's cgroup once it is in its scope.
+        """
         definition = context.resolve_backend(config.backend)
         if definition is None:
             raise LoadFailed(f"backend '{config.backend}' of model {self.model} is not installed")
@@ -152,12 +154,11 @@ class BackendRun:
         finally:
             os.close(output_fd)
         self.process = process
-        on_started(process.pid)
         self.phase = "creating its scope"
         await self._start_scope(config, context)
         self.phase = "opening the gate"
         process.open_gate()
-        on_cgroup(await self.watch_cgroup(context))
+        on_in_scope(process.pid, await self.watch_cgroup(context))
         await self._guard_stall(context, self._handshake(context, options))
 
     async def _start_scope(self, config: ModelConfig, context: OwnerContext) -> None:
@@ -237,14 +238,17 @@ class BackendRun:
         self.stopping = True
         await context.systemd.kill_unit(self.unit, signal.SIGKILL)
 
-    async def stop(self, context: OwnerContext) -> str | None:
-        """Stop everything of this run; returns the scope's Result when it had one."""
+    async def stop(self, context: OwnerContext, *, scope_result: bool = False) -> str | None:
+        """Stop everything of this run; returns the scope's Result when ``scope_result`` and
+        it had one. What systemd could not stop is SIGKILLed."""
         self.stopping = True
         systemd = context.systemd
         result: str | None = None
+        stopped = False
         try:
             if self.scope_started:
                 await systemd.stop_unit(self.unit)
+                stopped = True
             elif self.process is not None:
                 self.process.kill()
         except SystemdError as err:
@@ -259,8 +263,10 @@ class BackendRun:
                 await self.exited.wait()
             self.process.close()
         if self.scope_started:
-            result = await systemd.unit_property(self.unit, "Scope", "Result")
-            await systemd.kill_unit(self.unit, signal.SIGKILL)
+            if scope_result:
+                result = await systemd.unit_property(self.unit, "Scope", "Result")
+            if not stopped:
+                await systemd.kill_unit(self.unit, signal.SIGKILL)
             await systemd.unref_unit(self.unit)
         if self.oom is not None:
             self.oom.close()
