@@ -21,8 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from modeld.config import ModelConfig
 from modeld.discovery import Backend
 from modeld.errors import LoadFailed, SystemdError
@@ -33,7 +31,13 @@ from modeld.supervisor.records import RecordStore
 from modeld.supervisor.spawn import ExitStatus, GatedProcess, WatchedProcess
 from modeld.supervisor.systemd_api import SystemdApi
 from modeld.system import journal
-from modeld.system.cgroup import CgroupLayout, OomWatch
+from modeld.system.cgroup import (
+    CgroupLayout,
+    OomWatch,
+    cpu_ticks,
+    pids_in_cgroup,
+    process_cgroup,
+)
 from modeld.system.inotify import DirectoryWatch
 from modeld.system.systemd import ScopeSpec
 
@@ -177,8 +181,14 @@ class BackendRun:
         self.scope_started = True
 
     async def watch_cgroup(self, context: OwnerContext) -> str:
-        """Learn the scope's cgroup and watch it for OOM kills (while the backend starts)."""
-        control_group = await context.systemd.unit_property(self.unit, "Scope", "ControlGroup")
+        """Learn the scope's cgroup and watch it for OOM kills (while the backend starts).
+
+        The process's own cgroup is the scope's (it is in the scope); systemd is asked only
+        when that cannot be read or is not named after the scope.
+        """
+        control_group = process_cgroup(self.process.pid) if self.process is not None else None
+        if control_group is None or not control_group.endswith(f"/{self.unit}"):
+            control_group = await context.systemd.unit_property(self.unit, "Scope", "ControlGroup")
         if control_group:
             self.control_group = control_group
             self.oom = OomWatch(context.cgroups, control_group)
@@ -193,18 +203,14 @@ class BackendRun:
         self.phase = "in LoadModel"
         await self.client.load_model(options)
 
-    def _progress_sample(self, cgroups: CgroupLayout) -> tuple[float, int]:
-        """CPU time and memory of the backend's processes: changes mean the load progresses."""
-        cpu = 0.0
+    def _progress_sample(self, cgroups: CgroupLayout) -> tuple[int, int]:
+        """CPU time and memory of the backend's processes (those of its scope): changes mean
+        the load progresses."""
+        pids = pids_in_cgroup(self.control_group) if self.control_group else set()
         if self.process is not None and self.process.exit_status is None:
-            with contextlib.suppress(psutil.Error):
-                root = psutil.Process(self.process.pid)
-                for proc in [root, *root.children(recursive=True)]:
-                    with contextlib.suppress(psutil.Error):
-                        times = proc.cpu_times()
-                        cpu += times.user + times.system
+            pids.add(self.process.pid)
         memory = cgroups.memory_current(self.control_group) if self.control_group else None
-        return cpu, memory or 0
+        return cpu_ticks(pids), memory or 0
 
     async def _guard_stall(self, context: OwnerContext, work: Awaitable[None]) -> None:
         """Run ``work`` until done; fail it only after a whole stall timeout without progress."""
