@@ -4,13 +4,16 @@ Boots the project's systemd sandbox, runs modeld in it from the repository's uni
 runs this file again *inside* the sandbox as the driver. The driver reads modeld's MainPID
 (``systemctl show -p MainPID modeld.service``) and, around each batch of cycles, its user +
 system CPU time from ``/proc/<pid>/stat`` (the process and all its threads, not its
-children). A cycle is D-Bus ``Load(name, {wait: true})`` then ``Unload(name, {})`` of the
-demo model from an already-connected client. Warm-up cycles come first and are not counted.
+children; also the main thread's alone). A cycle is D-Bus ``Load(name, {wait: true})`` then
+``Unload(name, {})`` of the demo model from an already-connected client. Warm-up cycles come
+first and are not counted, nor is modeld's start-up (reported apart).
 
-CPU time hardly depends on what else the machine runs (unlike wall time); batches still
-differ a little, so the figure is the median over the batches of CPU ms per cycle.
+CPU time depends far less than wall time on what else the machine runs, but a busy machine
+still inflates it (cold caches): the figure is the median over the batches, and trees are
+compared in the same conditions (one right after the other, or both at once).
 
 Usage: python bench/cpu_per_cycle.py [--batches B] [--cycles N] [--warmup W] [--json FILE]
+       [--py-spy FILE] [--dropin LINES]
 """
 
 from __future__ import annotations
@@ -94,13 +97,20 @@ async def drive(
         if reply.error_name:
             raise RuntimeError(f"{member} failed: {reply.body}")
 
+    calls: dict[str, list[float]] = {"Load": [], "Unload": []}
+
     async def cycle() -> None:
-        await manager("Load", True)
-        await manager("Unload", False)
+        for member in calls:
+            start = time.perf_counter()
+            await manager(member, member == "Load")
+            calls[member].append(time.perf_counter() - start)
 
     pid = main_pid()
+    startup_ms = cpu_seconds(pid) * 1000
     for _ in range(warmup):
         await cycle()
+    for samples in calls.values():
+        samples.clear()
     profiler = _start_py_spy(pid, py_spy) if py_spy else None
     if profiler:
         await asyncio.sleep(1.0)  # py-spy attaches
@@ -129,7 +139,9 @@ async def drive(
         "cpu_ms": cpu_ms,
         "main_thread_ms": main_ms,
         "wall_ms": wall_ms,
+        "call_ms": {member: statistics.median(v) * 1000 for member, v in calls.items()},
         "idle_cpu_ms_per_settle": idle_ms,
+        "startup_cpu_ms": startup_ms,
     }
 
 
@@ -198,7 +210,9 @@ def main() -> int:
             statistics.median(driver["main_thread_ms"]), 2
         ),
         "idle_cpu_ms_per_settle": round(driver["idle_cpu_ms_per_settle"], 2),
+        "startup_cpu_ms": round(driver["startup_cpu_ms"]),
         "wall_ms_per_cycle_median": round(statistics.median(wall), 1),
+        "call_wall_ms_median": {k: round(v, 1) for k, v in driver["call_ms"].items()},
     }
     from report import emit
 
