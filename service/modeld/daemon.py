@@ -116,12 +116,10 @@ class Daemon:
         user = default_backend_user(self._config.daemon.backend_user or None)
         if user is None:
             log.warning("backend user 'modeld' does not exist: backends run as modeld's own user")
-        from modeld.rpc.client import hold_event_engine
         from modeld.supervisor.registry import Supervisor
         from modeld.system.gpu import open_gpu_probe
 
         gpu = await open_gpu_probe(log=log)
-        grpc_engine = hold_event_engine()
         supervisor = Supervisor(self._config, systemd, self, default_user=user, gpu=gpu)
         self._supervisor = supervisor
         await supervisor.start()
@@ -176,7 +174,6 @@ class Daemon:
             log.info("stopping: stopping all backends")
             await supervisor.shutdown()
         await gpu.close()
-        await grpc_engine.close()
         for task in list(self._tasks):
             task.cancel()
         with contextlib.suppress(Exception):

@@ -41,16 +41,6 @@ def build_model_options(model_path: str, options: Mapping[str, object]) -> backe
     return message
 
 
-def hold_event_engine() -> grpc.aio.Channel:
-    """A channel that never connects, to keep open while backends come and go.
-
-    gRPC destroys its default EventEngine (four worker threads and a lifeguard) when the
-    last channel using it has closed, and builds a new one for the next channel: without a
-    holder, every load starts five threads and every unload ends them.
-    """
-    return grpc.aio.insecure_channel("unix:/dev/null")
-
-
 class BackendClient:
     """One channel per backend process, kept for its lifetime."""
 
