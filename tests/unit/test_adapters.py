@@ -16,7 +16,7 @@ from modeld.core.states import ALLOWED_TRANSITIONS, ModelState, check_transition
 from modeld.supervisor.environment import backend_environment
 from modeld.supervisor.records import BackendRecord, RecordStore
 from modeld.supervisor.spawn import GATE_EXIT_STATUS, ExitStatus, GatedProcess
-from modeld.system.cgroup import CgroupLayout, pids_in_cgroup
+from modeld.system.cgroup import CgroupLayout, cpu_ticks, pids_in_cgroup, process_cgroup
 from modeld.system.inotify import DirectoryWatch
 
 
@@ -177,6 +177,24 @@ def test_pids_in_cgroup_finds_this_process_in_its_own_cgroup() -> None:
     )
     own = paths.get("") or paths["name=systemd"]  # the unified path, else name=systemd's
     assert os.getpid() in pids_in_cgroup(own)
+
+
+def test_a_process_cgroup_is_where_the_cgroup_tree_has_it() -> None:
+    own = process_cgroup(os.getpid())
+    assert own is not None and own.startswith("/")
+    assert os.getpid() in pids_in_cgroup(own)
+    child = subprocess.Popen([sys.executable, "-c", ""])
+    child.wait()
+    assert process_cgroup(child.pid) is None
+
+
+def test_cpu_ticks_add_up_the_processes_and_skip_ended_ones() -> None:
+    child = subprocess.Popen([sys.executable, "-c", ""])
+    child.wait()
+    own = cpu_ticks([os.getpid()])
+    assert own > 0  # pytest's start-up alone takes many clock ticks
+    assert cpu_ticks([child.pid]) == 0
+    assert cpu_ticks([os.getpid(), child.pid]) >= own
 
 
 def test_records_round_trip_and_bad_files_are_dropped(tmp_path: Path) -> None:

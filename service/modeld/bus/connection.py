@@ -92,7 +92,7 @@ class ModeldMessageBus(MessageBus):
         self._close_after_send.add(fd)
 
     def send(self, msg: Message) -> Any:
-        future = super().send(msg)
+        future = self._write_now(msg)
         to_close = [fd for fd in msg.unix_fds or () if fd in self._close_after_send]
         if to_close:
 
@@ -102,6 +102,26 @@ class ModeldMessageBus(MessageBus):
                     os.close(fd)
 
             future.add_done_callback(close_fds)
+        return future
+
+    def _write_now(self, msg: Message) -> Any:
+        """Send ``msg`` now when nothing is queued before it; returns dbus-next's future.
+
+        dbus-next queues every message and writes it from the next loop iteration: an
+        epoll_ctl to watch the socket, a wake-up, another epoll_ctl to stop. Only what the
+        socket does not take at once is left to that writer.
+        """
+        writer = self._writer
+        idle = writer.buf is None and not writer.messages.qsize()
+        if self._disconnected or not self.unique_name or not idle:
+            return super().send(msg)
+        if not msg.serial:
+            msg.serial = self.next_serial()
+        future = self._loop.create_future()
+        writer.buffer_message(msg, future)
+        writer.write_callback()
+        if writer.buf is not None or writer.messages.qsize():
+            self._loop.add_writer(self._fd, writer.write_callback)
         return future
 
     def _emit_interface_added(self, path: str, interface: ServiceInterface) -> None:

@@ -354,6 +354,7 @@ class BusService:
         self._requests = _Requests(supervisor, bus)
         self.manager = ManagerInterface(self._requests, reload)
         self._models: dict[str, ModelInterface] = {}
+        self._loaded_count = supervisor.loaded_count()
         self._gate.export(MANAGER_PATH, self.manager)
 
     def sync_models(self) -> None:
@@ -396,11 +397,10 @@ class BusService:
                 properties[name] = value
         if properties:
             interface.emit_properties_changed(properties)
-        if change.state_changed:
+        if change.state_changed and self._loaded_count != self._supervisor.loaded_count():
+            self._loaded_count = self._supervisor.loaded_count()
             with contextlib.suppress(Exception):
-                self.manager.emit_properties_changed(
-                    {"LoadedCount": self._supervisor.loaded_count()}
-                )
+                self.manager.emit_properties_changed({"LoadedCount": self._loaded_count})
 
     def on_loaded(self, model: str) -> None:
         self.manager.ModelLoaded(model, model_object_path(model))

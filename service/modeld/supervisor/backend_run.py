@@ -21,8 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from modeld.config import ModelConfig
 from modeld.discovery import Backend
 from modeld.errors import LoadFailed, SystemdError
@@ -33,7 +31,13 @@ from modeld.supervisor.records import RecordStore
 from modeld.supervisor.spawn import ExitStatus, GatedProcess, WatchedProcess
 from modeld.supervisor.systemd_api import SystemdApi
 from modeld.system import journal
-from modeld.system.cgroup import CgroupLayout, OomWatch
+from modeld.system.cgroup import (
+    CgroupLayout,
+    OomWatch,
+    cpu_ticks,
+    pids_in_cgroup,
+    process_cgroup,
+)
 from modeld.system.inotify import DirectoryWatch
 from modeld.system.systemd import ScopeSpec
 
@@ -125,10 +129,12 @@ class BackendRun:
         *,
         gpu: str,
         on_exit: Callable[[ExitStatus], None],
-        on_started: Callable[[int], None],
-        on_cgroup: Callable[[str], None],
+        on_in_scope: Callable[[int, str], None],
     ) -> None:
-        """Start the backend and load the model; raises LoadFailed (or SystemdError)."""
+        """Start the backend and load the model; raises LoadFailed (or SystemdError).
+
+        ``on_in_scope`` gets the process's pid and the scope's cgroup once it is in its scope.
+        """
         definition = context.resolve_backend(config.backend)
         if definition is None:
             raise LoadFailed(f"backend '{config.backend}' of model {self.model} is not installed")
@@ -152,12 +158,11 @@ class BackendRun:
         finally:
             os.close(output_fd)
         self.process = process
-        on_started(process.pid)
         self.phase = "creating its scope"
         await self._start_scope(config, context)
         self.phase = "opening the gate"
         process.open_gate()
-        on_cgroup(await self.watch_cgroup(context))
+        on_in_scope(process.pid, await self.watch_cgroup(context))
         await self._guard_stall(context, self._handshake(context, options))
 
     async def _start_scope(self, config: ModelConfig, context: OwnerContext) -> None:
@@ -176,8 +181,14 @@ class BackendRun:
         self.scope_started = True
 
     async def watch_cgroup(self, context: OwnerContext) -> str:
-        """Learn the scope's cgroup and watch it for OOM kills (while the backend starts)."""
-        control_group = await context.systemd.unit_property(self.unit, "Scope", "ControlGroup")
+        """Learn the scope's cgroup and watch it for OOM kills (while the backend starts).
+
+        The process's own cgroup is the scope's (it is in the scope); systemd is asked only
+        when that cannot be read or is not named after the scope.
+        """
+        control_group = process_cgroup(self.process.pid) if self.process is not None else None
+        if control_group is None or not control_group.endswith(f"/{self.unit}"):
+            control_group = await context.systemd.unit_property(self.unit, "Scope", "ControlGroup")
         if control_group:
             self.control_group = control_group
             self.oom = OomWatch(context.cgroups, control_group)
@@ -192,18 +203,14 @@ class BackendRun:
         self.phase = "in LoadModel"
         await self.client.load_model(options)
 
-    def _progress_sample(self, cgroups: CgroupLayout) -> tuple[float, int]:
-        """CPU time and memory of the backend's processes: changes mean the load progresses."""
-        cpu = 0.0
+    def _progress_sample(self, cgroups: CgroupLayout) -> tuple[int, int]:
+        """CPU time and memory of the backend's processes (those of its scope): changes mean
+        the load progresses."""
+        pids = pids_in_cgroup(self.control_group) if self.control_group else set()
         if self.process is not None and self.process.exit_status is None:
-            with contextlib.suppress(psutil.Error):
-                root = psutil.Process(self.process.pid)
-                for proc in [root, *root.children(recursive=True)]:
-                    with contextlib.suppress(psutil.Error):
-                        times = proc.cpu_times()
-                        cpu += times.user + times.system
+            pids.add(self.process.pid)
         memory = cgroups.memory_current(self.control_group) if self.control_group else None
-        return cpu, memory or 0
+        return cpu_ticks(pids), memory or 0
 
     async def _guard_stall(self, context: OwnerContext, work: Awaitable[None]) -> None:
         """Run ``work`` until done; fail it only after a whole stall timeout without progress."""
@@ -237,14 +244,17 @@ class BackendRun:
         self.stopping = True
         await context.systemd.kill_unit(self.unit, signal.SIGKILL)
 
-    async def stop(self, context: OwnerContext) -> str | None:
-        """Stop everything of this run; returns the scope's Result when it had one."""
+    async def stop(self, context: OwnerContext, *, scope_result: bool = False) -> str | None:
+        """Stop everything of this run; returns the scope's Result when ``scope_result`` and
+        it had one. What systemd could not stop is SIGKILLed."""
         self.stopping = True
         systemd = context.systemd
         result: str | None = None
+        stopped = False
         try:
             if self.scope_started:
                 await systemd.stop_unit(self.unit)
+                stopped = True
             elif self.process is not None:
                 self.process.kill()
         except SystemdError as err:
@@ -259,8 +269,10 @@ class BackendRun:
                 await self.exited.wait()
             self.process.close()
         if self.scope_started:
-            result = await systemd.unit_property(self.unit, "Scope", "Result")
-            await systemd.kill_unit(self.unit, signal.SIGKILL)
+            if scope_result:
+                result = await systemd.unit_property(self.unit, "Scope", "Result")
+            if not stopped:
+                await systemd.kill_unit(self.unit, signal.SIGKILL)
             await systemd.unref_unit(self.unit)
         if self.oom is not None:
             self.oom.close()

@@ -171,6 +171,17 @@ _Message = (
 _use_ids = itertools.count(1)
 
 
+_CLEARED: dict[str, Any] = {
+    "unit": "",
+    "control_group": "",
+    "main_pid": 0,
+    "endpoint": "",
+    "gpu": "",
+    "gpu_memory": 0,
+}
+"""What a model publishes about its backend, as it is once the backend is gone."""
+
+
 def _now_us() -> int:
     return time.time_ns() // 1000
 
@@ -448,8 +459,7 @@ class ModelOwner:
             self._context,
             gpu=self.status.gpu,
             on_exit=lambda status: self._on_process_exit(backend, status),
-            on_started=lambda pid: self._set(main_pid=pid),
-            on_cgroup=lambda control_group: self._set(control_group=control_group),
+            on_in_scope=lambda pid, cgroup: self._set(main_pid=pid, control_group=cgroup),
         )
 
     def _on_process_exit(self, backend: BackendRun, status: ExitStatus) -> None:
@@ -541,7 +551,7 @@ class ModelOwner:
             await self._teardown(backend)
             self._backend = None
             self._set_state(ModelState.UNLOADING)
-            self._set_state(ModelState.UNLOADED)
+            self._set_state(ModelState.UNLOADED, **_CLEARED)
             return False
         log.info("model %s: re-adopted %s (pid %d)", self.name, record.unit, record.pid)
         self._set_state(ModelState.READY, last_used_us=_now_us())
@@ -576,7 +586,8 @@ class ModelOwner:
         crash = backend.crash_status
         if crash is not None and backend.oom is not None:
             backend.oom.check()
-        scope_result = await self._teardown(backend)
+        scope_result = await self._teardown(backend, scope_result=True)
+        self._set(**_CLEARED)
         reason = "failed"
         if crash is not None:
             oom = crash.signal == signal.SIGKILL and (
@@ -623,14 +634,13 @@ class ModelOwner:
             self._restart_timer.cancel()
             self._restart_timer = None
 
-    async def _teardown(self, backend: BackendRun) -> str | None:
-        """Stop everything of ``backend`` and clear what the model published about it;
-        returns the scope's Result when it had one."""
-        result = await backend.stop(self._context)
+    async def _teardown(self, backend: BackendRun, *, scope_result: bool = False) -> str | None:
+        """Stop everything of ``backend``; returns the scope's Result when ``scope_result``
+        and it had one. The caller publishes :data:`_CLEARED` with its next change."""
+        result = await backend.stop(self._context, scope_result=scope_result)
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
-        self._set(unit="", control_group="", main_pid=0, endpoint="", gpu="", gpu_memory=0)
         return result
 
     # ----------------------------------------------------------------------- unload
@@ -701,7 +711,7 @@ class ModelOwner:
             await backend.client.free(FREE_TIMEOUT)
         await self._teardown(backend)
         self._backend = None
-        self._set_state(ModelState.UNLOADED)
+        self._set_state(ModelState.UNLOADED, **_CLEARED)
         self._observer.on_unloaded(self.name, reason)
         for _unload, done in self._deferred_unloads:
             if not done.done():
@@ -713,11 +723,13 @@ class ModelOwner:
     async def _use_changed(self) -> None:
         in_flight = len(self._requests) + len(self._leases)
         state = self.status.state
-        self._set(in_flight=in_flight, last_used_us=_now_us())
+        use = {"in_flight": in_flight, "last_used_us": _now_us()}
         if state is ModelState.READY and in_flight > 0:
-            self._set_state(ModelState.BUSY)
+            self._set_state(ModelState.BUSY, **use)
         elif state is ModelState.BUSY and in_flight == 0:
-            self._set_state(ModelState.READY)
+            self._set_state(ModelState.READY, **use)
+        else:
+            self._set(**use)
         self._arm_timers()
         if in_flight == 0 and self._deferred_unloads and self._backend is not None:
             unload, _ = self._deferred_unloads[0]

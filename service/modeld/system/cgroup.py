@@ -1,4 +1,5 @@
-"""Reading a scope's cgroup (memory, PIDs) on cgroup v2 and on hybrid (v1 memory) hosts.
+"""Reading a scope's cgroup (memory, PIDs, their CPU time) on cgroup v2 and on hybrid (v1
+memory) hosts.
 
 cgroup v2 is the production target; the test machines mount the memory controller on v1.
 Files read here are small in-kernel sysfs files: reads do not block.
@@ -10,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,6 +74,38 @@ def pids_in_cgroup(control_group: str, *, root: Path = CGROUP_ROOT) -> set[int]:
         if (directory / "cgroup.procs").is_file():
             return _pids_below(directory)
     return set()
+
+
+def process_cgroup(pid: int) -> str | None:
+    """The cgroup of ``pid`` as systemd names it (a unit's ``ControlGroup``): its path in the
+    name=systemd hierarchy on hybrid or v1 hosts, in the unified one on v2. None when the
+    process is gone."""
+    try:
+        text = Path(f"/proc/{pid}/cgroup").read_text()
+    except OSError:
+        return None
+    unified = None
+    for line in text.splitlines():
+        hierarchy, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if controllers == "name=systemd":
+            return path
+        if hierarchy == "0" and not controllers:
+            unified = path
+    return unified
+
+
+def cpu_ticks(pids: Iterable[int]) -> int:
+    """User + system CPU time of the processes ``pids`` (clock ticks); ended ones count 0."""
+    total = 0
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_bytes()
+        except OSError:
+            continue
+        fields = stat.rpartition(b")")[2].split()
+        total += int(fields[11]) + int(fields[12])
+    return total
 
 
 def _pids_below(directory: Path) -> set[int]:

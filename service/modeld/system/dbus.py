@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any, TypeVar
 
 from dbus_next.aio.message_bus import MessageBus
-from dbus_next.constants import BusType, MessageType, NameFlag, RequestNameReply
+from dbus_next.constants import BusType, MessageFlag, MessageType, NameFlag, RequestNameReply
 from dbus_next.errors import DBusError
 from dbus_next.message import Message
 from dbus_next.signature import Variant
@@ -29,6 +29,7 @@ __all__ = [
     "RequestNameReply",
     "Variant",
     "call",
+    "call_no_reply",
     "connect",
 ]
 
@@ -76,3 +77,26 @@ async def call(
         text = reply.body[0] if reply.body else reply.error_name
         raise DBusError(reply.error_name, text)
     return list(reply.body)
+
+
+async def call_no_reply(
+    bus: MessageBus,
+    destination: str,
+    path: str,
+    interface: str,
+    member: str,
+    signature: str = "",
+    body: list[Any] | None = None,
+) -> None:
+    """Call a method without asking for a reply (nor an error): for best-effort calls."""
+    await bus.send(
+        Message(
+            destination=destination,
+            path=path,
+            interface=interface,
+            member=member,
+            signature=signature,
+            body=body or [],
+            flags=MessageFlag.NO_REPLY_EXPECTED,
+        )
+    )

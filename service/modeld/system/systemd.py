@@ -27,6 +27,7 @@ from modeld.system.dbus import (
     MessageType,
     Variant,
     call,
+    call_no_reply,
 )
 
 log = logging.getLogger(__name__)
@@ -173,11 +174,11 @@ class Systemd:
                 log.debug("KillUnit %s: %s", unit, err.text)
 
     async def unref_unit(self, unit: str) -> None:
-        """Drop the reference taken with AddRef so the unit can be garbage-collected."""
-        try:
-            await self._manager("UnrefUnit", "s", [unit])
-        except DBusError as err:
-            log.debug("UnrefUnit %s: %s", unit, err.text)
+        """Drop the reference taken with AddRef so the unit can be garbage-collected.
+
+        Best effort, without waiting for systemd's reply (a unit already gone has none).
+        """
+        await call_no_reply(self._bus, SYSTEMD, SYSTEMD_PATH, MANAGER, "UnrefUnit", "s", [unit])
 
     async def ref_unit(self, unit: str) -> None:
         """Take a reference on ``unit`` (as AddRef does at creation) after a restart."""
