@@ -23,6 +23,7 @@ import psutil
 from modeld import __version__
 from modeld.config import Config, ConfigError, load_config
 from modeld.errors import InvalidConfig
+from modeld.metrics import Metrics
 from modeld.naming import BUS_NAME
 from modeld.supervisor.environment import default_backend_user
 
@@ -92,6 +93,7 @@ class Daemon:
         self._tasks: set[asyncio.Task[None]] = set()
         self._supervisor: Supervisor | None = None
         self._service: BusService | None = None
+        self._metrics = Metrics(memory_budget=config.daemon.memory_budget)
 
     def _spawn(self, coro: object, name: str) -> None:
         task = asyncio.ensure_future(coro)  # type: ignore[call-overload]
@@ -123,6 +125,7 @@ class Daemon:
         supervisor = Supervisor(self._config, systemd, self, default_user=user, gpu=gpu)
         self._supervisor = supervisor
         await supervisor.start()
+        self._metrics.attach(supervisor)
         for problem in supervisor.backends.problems:
             log.warning("backend skipped: %s", problem)
         from modeld.bus.service import BusService
@@ -141,7 +144,7 @@ class Daemon:
             return 1
         if not sockets:
             sockets = [bind_unix_socket(self._config.daemon.runtime_dir / "api.sock")]
-        http = HttpServer(supervisor)
+        http = HttpServer(supervisor, metrics=self._metrics)
         await http.start(sockets)
 
         loop = asyncio.get_running_loop()
@@ -207,6 +210,8 @@ class Daemon:
             added, removed = await self._supervisor.reload(config)
             self._config = config
             self._service.sync_models()
+            self._metrics.sync_models(config.models)
+            self._metrics.memory_budget = config.daemon.memory_budget
             if self._supervisor.max_loaded != max_loaded:
                 self._service.manager.emit_properties_changed(
                     {"MaxLoaded": self._supervisor.max_loaded}
@@ -222,6 +227,7 @@ class Daemon:
     # ----------------------------------------------------- OwnerObserver (fan-out)
 
     def on_status_changed(self, change: StatusChange) -> None:
+        self._metrics.on_status_changed(change)
         if self._service is not None:
             self._service.on_status_changed(change)
         if change.state_changed and self._supervisor is not None:
@@ -233,6 +239,7 @@ class Daemon:
 
     def on_unloaded(self, model: str, reason: str) -> None:
         log.info("model %s unloaded (%s)", model, reason)
+        self._metrics.on_unloaded(model, reason)
         if self._service is not None:
             self._service.on_unloaded(model, reason)
 
