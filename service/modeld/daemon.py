@@ -65,11 +65,20 @@ class _JournalFormatter(logging.Formatter):
 
 
 def _setup_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    """Under systemd: journald's native protocol (records carry ``MODELD_MODEL=``), with
+    stderr as the fallback; otherwise stderr."""
+    from modeld.system import journald
+    from modeld.system.journal_logging import JournalHandler, stderr_is_journal
+
+    stream = logging.StreamHandler(sys.stderr)
+    handler: logging.Handler = stream
     if os.environ.get("JOURNAL_STREAM"):
-        handler.setFormatter(_JournalFormatter("%(message)s"))
+        stream.setFormatter(_JournalFormatter("%(message)s"))
+        if stderr_is_journal() and journald.available():
+            handler = JournalHandler(stream)
+            handler.setFormatter(logging.Formatter("%(message)s"))
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        stream.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=level.upper(), handlers=[handler])
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
@@ -120,10 +129,12 @@ class Daemon:
             log.warning("backend user 'modeld' does not exist: backends run as modeld's own user")
         from modeld.supervisor.registry import Supervisor
         from modeld.system.gpu import open_gpu_probe
+        from modeld.system.journal_logging import set_unit_lookup
 
         gpu = await open_gpu_probe(log=log)
         supervisor = Supervisor(self._config, systemd, self, default_user=user, gpu=gpu)
         self._supervisor = supervisor
+        set_unit_lookup(supervisor.unit_of)
         await supervisor.start()
         self._metrics.attach(supervisor)
         for problem in supervisor.backends.problems:

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -30,14 +31,17 @@ from modeld.naming import SLICE
 from modeld.rpc.client import BackendClient, build_model_options
 from modeld.supervisor.environment import backend_environment, credentials_for
 from modeld.supervisor.records import RecordStore
-from modeld.supervisor.spawn import ExitStatus, GatedProcess, WatchedProcess
+from modeld.supervisor.spawn import Credentials, ExitStatus, GatedProcess, WatchedProcess
 from modeld.supervisor.systemd_api import SystemdApi
-from modeld.system import journal
+from modeld.system import journal, journald
 from modeld.system.cgroup import CgroupLayout, OomWatch
 from modeld.system.inotify import DirectoryWatch
 from modeld.system.systemd import ScopeSpec
 
 log = logging.getLogger(__name__)
+
+RELAY_DRAIN_TIMEOUT = 2.0
+"""How long a stopped backend's log relay may take to send its last lines."""
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,9 @@ class BackendRun:
     crash_status: ExitStatus | None = None
     """How the process ended when it ended on its own (not stopped by modeld)."""
     exited: asyncio.Event = field(default_factory=asyncio.Event)
+    relay: GatedProcess | None = None
+    """The log relay that sends the backend's output to the journal (in its scope)."""
+    relay_exited: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def address(self) -> str:
@@ -136,10 +143,8 @@ class BackendRun:
         credentials = credentials_for(config.user or context.default_user)
         with contextlib.suppress(FileNotFoundError):
             self.socket.unlink()
-        output_fd = journal.open_journal_stream(self.model)
-        if output_fd is None:
-            output_fd = journal.open_log_file(self.log_file)
         self.phase = "spawning"
+        output_fd = self._open_output(credentials)
         try:
             process = GatedProcess(
                 [str(definition.run), "--addr", self.address],
@@ -149,6 +154,10 @@ class BackendRun:
                 credentials=credentials,
                 on_exit=on_exit,
             )
+        except BaseException:
+            if self.relay is not None:
+                self.relay.close()
+            raise
         finally:
             os.close(output_fd)
         self.process = process
@@ -156,9 +165,44 @@ class BackendRun:
         self.phase = "creating its scope"
         await self._start_scope(config, context)
         self.phase = "opening the gate"
+        if self.relay is not None:
+            self.relay.open_gate()
         process.open_gate()
         on_cgroup(await self.watch_cgroup(context))
         await self._guard_stall(context, self._handshake(context, options))
+
+    def _open_output(self, credentials: Credentials | None) -> int:
+        """The backend's stdout and stderr: a pipe to its log relay (started behind its
+        own gate, so it joins the scope first) when journald takes native entries, else a
+        journal stream (no MODELD_MODEL field), else a file."""
+        if journald.available():
+            read, write = os.pipe2(os.O_CLOEXEC)
+            output = os.dup(write)
+            devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                self.relay = GatedProcess(
+                    [
+                        sys.executable,
+                        *("-I", "-S", journald.__file__),
+                        *(self.model, self.unit, journald.JOURNAL_SOCKET),
+                    ],
+                    env={},
+                    cwd="/",
+                    output_fd=devnull,
+                    credentials=credentials,
+                    on_exit=lambda _status: self.relay_exited.set(),
+                    gate_pipe=(read, write),
+                )
+                return output
+            except OSError as err:
+                os.close(output)
+                log.warning(
+                    "model %s: no log relay (%s): output without MODELD_MODEL", self.model, err
+                )
+            finally:
+                os.close(devnull)
+        output_fd = journal.open_journal_stream(self.model)
+        return output_fd if output_fd is not None else journal.open_log_file(self.log_file)
 
     async def _start_scope(self, config: ModelConfig, context: OwnerContext) -> None:
         assert self.process is not None
@@ -171,6 +215,7 @@ class BackendRun:
             tasks_max=config.tasks_max,
             cpu_weight=config.cpu_weight,
             stop_timeout_s=context.stop_timeout,
+            extra_pids=(self.relay.pid,) if self.relay is not None else (),
         )
         await context.systemd.start_scope(spec, self.process.pid)
         self.scope_started = True
@@ -258,6 +303,8 @@ class BackendRun:
                 self.process.kill()
                 await self.exited.wait()
             self.process.close()
+        if self.relay is not None:
+            await self._end_relay()
         if self.scope_started:
             result = await systemd.unit_property(self.unit, "Scope", "Result")
             await systemd.kill_unit(self.unit, signal.SIGKILL)
@@ -271,10 +318,22 @@ class BackendRun:
         context.records.remove(self.unit)
         return result
 
+    async def _end_relay(self) -> None:
+        """The relay ends once the backend's output is closed; give it a moment to send
+        the last lines (the scope is normally empty already), then make sure."""
+        assert self.relay is not None
+        self.relay.close_gate()
+        if self.relay.exit_status is None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.relay_exited.wait(), RELAY_DRAIN_TIMEOUT)
+        self.relay.close()
+
     async def release(self) -> None:
         """Stop watching but leave the backend running (modeld restarts and re-adopts it)."""
         if self.process is not None:
             self.process.release()
+        if self.relay is not None:
+            self.relay.release()
         if self.oom is not None:
             self.oom.close()
         if self.client is not None:
