@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -42,6 +43,32 @@ log = logging.getLogger(__name__)
 
 RELAY_DRAIN_TIMEOUT = 2.0
 """How long a stopped backend's log relay may take to send its last lines."""
+
+
+async def until_listening(path: Path) -> None:
+    """Return once the unix socket at ``path`` accepts connections.
+
+    inotify shows the socket file at bind(), a moment before listen(); a connection in
+    between is refused, and gRPC then backs off for at least 100 ms (its floor, whatever
+    the channel options say). The moment is short (the backend is between two system
+    calls), but modeld, woken by the same bind(), often runs right then. No event marks
+    listen(), so this tries again, yielding to the loop, a few times a millisecond. Any
+    other error is left for the gRPC client to report.
+    """
+    delay = 0.0002
+    while True:
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        try:
+            probe.connect(str(path))
+            return
+        except ConnectionRefusedError:
+            pass
+        except OSError:  # EAGAIN (its backlog is full: it listens), or gone: gRPC says
+            return
+        finally:
+            probe.close()
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.01)
 
 
 @dataclass(frozen=True)
@@ -231,6 +258,7 @@ class BackendRun:
     async def _handshake(self, context: OwnerContext, options: Any) -> None:
         self.phase = "waiting for its socket"
         await context.sockets.wait_for(self.socket.name)
+        await until_listening(self.socket)
         self.client = BackendClient(self.address)
         self.phase = "waiting for Health"
         await self.client.health()
