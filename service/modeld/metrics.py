@@ -288,6 +288,10 @@ class Metrics:
         """The Prometheus text format of every metric (content type :data:`CONTENT_TYPE`)."""
         return prometheus_client.generate_latest(self.registry)
 
+    @property
+    def source(self) -> MetricsSource | None:
+        return self._source
+
     def states(self) -> dict[str, ModelState]:
         """Each known model's state, as the events told it."""
         return {name: track.state for name, track in self._tracks.items()}
@@ -324,7 +328,7 @@ class _ScrapeCollector:
                 "Memory for all backends together (MemoryMax of modeld.slice)",
                 value=metrics.memory_budget,
             )
-        source = metrics._source
+        source = metrics.source
         if source is None:
             return
         yield GaugeMetricFamily(

@@ -4,7 +4,10 @@ the backend and is gone when the backend is (real backends, fake systemd, no sle
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
+import signal
 import socket
 from pathlib import Path
 
@@ -58,3 +61,35 @@ def test_backend_output_reaches_the_journal_tagged_with_its_model_and_scope(
     assert all(e["MODELD_MODEL"] == b"a" for e in lines)
     assert all(e["MODELD_UNIT"] == b"modeld-backend-a-1.scope" for e in lines)
     assert all(e["SYSLOG_IDENTIFIER"] == b"a" for e in lines)
+
+
+def test_a_log_relay_that_dies_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "journal.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    monkeypatch.setattr(journald, "JOURNAL_SOCKET", str(path))
+    warnings: list[str] = []
+    seen = asyncio.Event()
+
+    class Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            warnings.append(record.getMessage())
+            seen.set()
+
+    catch = Catch(logging.WARNING)
+    logging.getLogger("modeld.supervisor.backend_run").addHandler(catch)
+
+    async def scenario() -> None:
+        async with host(tmp_path) as h:
+            a = await h.loaded("a")
+            (spec,) = h.systemd.specs.values()
+            os.kill(spec.extra_pids[0], signal.SIGKILL)
+            await asyncio.wait_for(seen.wait(), 10)
+            await (await a.request_unload("requested"))
+
+    try:
+        run(scenario)
+    finally:
+        logging.getLogger("modeld.supervisor.backend_run").removeHandler(catch)
+        sock.close()
+    assert warnings == ["model a: the log relay of its backend killed by SIGKILL"]

@@ -183,6 +183,7 @@ class BackendRun:
             )
         except BaseException:
             if self.relay is not None:
+                self.stopping = True
                 self.relay.close()
             raise
         finally:
@@ -217,7 +218,7 @@ class BackendRun:
                     cwd="/",
                     output_fd=devnull,
                     credentials=credentials,
-                    on_exit=lambda _status: self.relay_exited.set(),
+                    on_exit=self._relay_ended,
                     gate_pipe=(read, write),
                 )
                 return output
@@ -230,6 +231,12 @@ class BackendRun:
                 os.close(devnull)
         output_fd = journal.open_journal_stream(self.model)
         return output_fd if output_fd is not None else journal.open_log_file(self.log_file)
+
+    def _relay_ended(self, status: ExitStatus) -> None:
+        self.relay_exited.set()
+        if not self.stopping and status != ExitStatus(code=0, signal=None):
+            # Its backend's next line then fails (EPIPE, or SIGPIPE for most programs).
+            log.warning("model %s: the log relay of its backend %s", self.model, status.describe())
 
     async def _start_scope(self, config: ModelConfig, context: OwnerContext) -> None:
         assert self.process is not None
