@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -216,3 +217,26 @@ def test_records_journald_refuses_go_to_the_fallback(tmp_path: Path) -> None:
     h = JournalHandler(Keep(), journal=journald.Journal(str(tmp_path / "gone.sock")))
     h.handle(logging.makeLogRecord({"msg": "still logged", "levelno": logging.INFO}))
     assert [r.getMessage() for r in records] == ["still logged"]
+
+
+def test_a_full_journald_queue_never_blocks_the_handler(journald_socket: FakeJournald) -> None:
+    """journald not reading (its queue full): records go to the fallback, none is lost."""
+    fell_back: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            fell_back.append(record)
+
+    journal = journald.Journal(journald_socket.path, blocking=False)
+    h = JournalHandler(Keep(), journal=journal)
+    total = 3000
+    for n in range(total):
+        h.handle(logging.makeLogRecord({"msg": f"line {n}", "levelno": logging.INFO}))
+    assert fell_back
+    journald_socket.sock.setblocking(False)
+    received = 0
+    with contextlib.suppress(BlockingIOError):
+        while journald_socket.sock.recv(65536):
+            received += 1
+    assert received + len(fell_back) == total
+    h.close()

@@ -63,7 +63,10 @@ def stderr_is_journal() -> bool:
 
 
 class JournalHandler(logging.Handler):
-    """Sends records to journald natively; ``fallback`` gets those journald refuses."""
+    """Sends records to journald natively; ``fallback`` (stderr, a journal stream) gets
+    those journald refuses, and those it cannot take at once: modeld's event loop never
+    waits for journald's datagram queue (such a line reaches the journal without the
+    MODELD_ fields)."""
 
     PRIORITY: ClassVar[dict[int, str]] = {
         logging.DEBUG: "7",
@@ -83,7 +86,7 @@ class JournalHandler(logging.Handler):
         super().__init__()
         self.fallback = fallback
         self.identifier = identifier
-        self._journal = journal or Journal()
+        self._journal = journal or Journal(blocking=False)
 
     def fields(self, record: logging.LogRecord) -> dict[str, str]:
         fields = {

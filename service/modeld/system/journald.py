@@ -50,16 +50,23 @@ def encode(fields: Mapping[str, str | bytes]) -> bytes:
 class Journal:
     """A datagram socket to journald (connected on first use, again after journald restarts).
 
-    :meth:`send` raises OSError when journald is not there; callers fall back.
+    :meth:`send` raises OSError when journald is not there, and, unless ``blocking``,
+    BlockingIOError when journald's queue is full (``net.unix.max_dgram_qlen``
+    datagrams: 512 where systemd boots the host, 10 in many containers) instead of
+    waiting; callers fall back.
     """
 
-    def __init__(self, path: str | None = None) -> None:
+    def __init__(self, path: str | None = None, *, blocking: bool = True) -> None:
         self.path = path or JOURNAL_SOCKET
+        self.blocking = blocking
         self._sock: socket.socket | None = None
 
     def _socket(self) -> socket.socket:
         if self._sock is None:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            kind = socket.SOCK_DGRAM | socket.SOCK_CLOEXEC
+            if not self.blocking:
+                kind |= socket.SOCK_NONBLOCK
+            sock = socket.socket(socket.AF_UNIX, kind)
             try:
                 sock.connect(self.path)
             except OSError:
