@@ -47,10 +47,12 @@ RAW_SOCKET_DIR = Path("/run/modeld-bench")
 async def _ready(kind: str, address: str, socket: Path, watch: object, start: float) -> None:
     """Client side of a raw start: socket appears, then Health, then LoadModel."""
     from modeld.rpc.client import BackendClient, build_model_options
+    from modeld.supervisor.backend_run import until_listening
 
     demo = REPO / "service" / "modeld" / "data" / "demo.txt"
     t0 = start
     await watch.wait_for(socket.name)  # type: ignore[attr-defined]
+    await until_listening(socket)  # as modeld does: no 100 ms gRPC backoff after bind()
     t1 = time.perf_counter()
     client = BackendClient(address)
     try:

@@ -23,6 +23,7 @@ import psutil
 from modeld import __version__
 from modeld.config import Config, ConfigError, load_config
 from modeld.errors import InvalidConfig
+from modeld.metrics import Metrics
 from modeld.naming import BUS_NAME
 from modeld.supervisor.environment import default_backend_user
 
@@ -64,11 +65,20 @@ class _JournalFormatter(logging.Formatter):
 
 
 def _setup_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    """Under systemd: journald's native protocol (records carry ``MODELD_MODEL=``), with
+    stderr as the fallback; otherwise stderr."""
+    from modeld.system import journald
+    from modeld.system.journal_logging import JournalHandler, stderr_is_journal
+
+    stream = logging.StreamHandler(sys.stderr)
+    handler: logging.Handler = stream
     if os.environ.get("JOURNAL_STREAM"):
-        handler.setFormatter(_JournalFormatter("%(message)s"))
+        stream.setFormatter(_JournalFormatter("%(message)s"))
+        if stderr_is_journal() and journald.available():
+            handler = JournalHandler(stream)
+            handler.setFormatter(logging.Formatter("%(message)s"))
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        stream.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=level.upper(), handlers=[handler])
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
@@ -92,6 +102,7 @@ class Daemon:
         self._tasks: set[asyncio.Task[None]] = set()
         self._supervisor: Supervisor | None = None
         self._service: BusService | None = None
+        self._metrics = Metrics(memory_budget=config.daemon.memory_budget)
 
     def _spawn(self, coro: object, name: str) -> None:
         task = asyncio.ensure_future(coro)  # type: ignore[call-overload]
@@ -118,11 +129,14 @@ class Daemon:
             log.warning("backend user 'modeld' does not exist: backends run as modeld's own user")
         from modeld.supervisor.registry import Supervisor
         from modeld.system.gpu import open_gpu_probe
+        from modeld.system.journal_logging import set_unit_lookup
 
         gpu = await open_gpu_probe(log=log)
         supervisor = Supervisor(self._config, systemd, self, default_user=user, gpu=gpu)
         self._supervisor = supervisor
+        set_unit_lookup(supervisor.unit_of)
         await supervisor.start()
+        self._metrics.attach(supervisor)
         for problem in supervisor.backends.problems:
             log.warning("backend skipped: %s", problem)
         from modeld.bus.service import BusService
@@ -141,7 +155,7 @@ class Daemon:
             return 1
         if not sockets:
             sockets = [bind_unix_socket(self._config.daemon.runtime_dir / "api.sock")]
-        http = HttpServer(supervisor)
+        http = HttpServer(supervisor, metrics=self._metrics)
         await http.start(sockets)
 
         loop = asyncio.get_running_loop()
@@ -207,6 +221,8 @@ class Daemon:
             added, removed = await self._supervisor.reload(config)
             self._config = config
             self._service.sync_models()
+            self._metrics.sync_models(config.models)
+            self._metrics.memory_budget = config.daemon.memory_budget
             if self._supervisor.max_loaded != max_loaded:
                 self._service.manager.emit_properties_changed(
                     {"MaxLoaded": self._supervisor.max_loaded}
@@ -222,6 +238,7 @@ class Daemon:
     # ----------------------------------------------------- OwnerObserver (fan-out)
 
     def on_status_changed(self, change: StatusChange) -> None:
+        self._metrics.on_status_changed(change)
         if self._service is not None:
             self._service.on_status_changed(change)
         if change.state_changed and self._supervisor is not None:
@@ -233,6 +250,7 @@ class Daemon:
 
     def on_unloaded(self, model: str, reason: str) -> None:
         log.info("model %s unloaded (%s)", model, reason)
+        self._metrics.on_unloaded(model, reason)
         if self._service is not None:
             self._service.on_unloaded(model, reason)
 

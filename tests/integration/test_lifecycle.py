@@ -331,6 +331,9 @@ def test_on_debians_own_python_packages_backends_run_as_their_user(
             "/v1/completions", {"model": "u", "prompt": "The sea", "max_tokens": 4}
         )
         assert status == 200 and body["usage"]["completion_tokens"] == 4
+        status, content_type, text = deployment.http_text("/metrics")  # prometheus_client 0.16
+        assert status == 200 and content_type.startswith("text/plain; version=0.0.4")
+        assert 'modeld_loads_total{model="u",result="loaded"} 1.0' in text
         deployment.unload("u")
         assert deployment.scopes() == [] and deployment.backend_processes() == []
     finally:

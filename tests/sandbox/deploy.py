@@ -122,6 +122,22 @@ class Modeld:
         status = int(head.split()[1])
         return status, json.loads(body) if body else None
 
+    def http_text(self, path: str, timeout: float = 20.0) -> tuple[int, str, str]:
+        """GET over the unix socket; returns (status, Content-Type, body text): for
+        ``/metrics``, which is not JSON."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(str(self.api_socket))
+            sock.sendall(f"GET {path} HTTP/1.0\r\nHost: modeld\r\n\r\n".encode())
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        status_line, *header_lines = head.decode("latin-1").split("\r\n")
+        headers = dict(line.split(":", 1) for line in header_lines if ":" in line)
+        content_type = next((v for k, v in headers.items() if k.lower() == "content-type"), "")
+        return int(status_line.split()[1]), content_type.strip(), body.decode()
+
     # ----------------------------------------------------------------- busctl
 
     def call(

@@ -629,7 +629,7 @@ def test_logs_execs_journalctl(tmp_path: Path) -> None:
     out, _ = proc.communicate(timeout=10)
     pid, *argv = out.splitlines()
     assert int(pid) == proc.pid  # exec'd, not a child
-    assert argv == ["-t", "my model", "-o", "short-iso", "--no-pager", "-n", "5", "-f"]
+    assert argv == ["MODELD_MODEL=my model", "-o", "short-iso", "--no-pager", "-n", "5", "-f"]
     assert proc.returncode == 3
 
 

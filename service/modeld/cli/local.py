@@ -17,8 +17,10 @@ if TYPE_CHECKING:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    """Replace this process with journalctl showing the model's backend output."""
-    argv = ["journalctl", "-t", args.name, "-o", "json" if args.json else "short-iso"]
+    """Replace this process with journalctl showing the model's lines: its backend's output
+    and what modeld logged about it (both carry the journal field ``MODELD_MODEL``)."""
+    match = f"MODELD_MODEL={args.name}"
+    argv = ["journalctl", match, "-o", "json" if args.json else "short-iso"]
     argv.append("--no-pager")
     if args.lines is not None:
         argv += ["-n", str(args.lines)]

@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("reload", "make modeld re-read its configuration")
 
-    p = add("logs", "show a model's backend output from the journal")
+    p = add("logs", "show a model's backend output and modeld's lines about it (journal)")
     p.add_argument("name", metavar="NAME")
     p.add_argument("-n", "--lines", type=_positive_int, metavar="N", help="show the last N lines")
     p.add_argument("-f", "--follow", action="store_true", help="keep showing new lines")

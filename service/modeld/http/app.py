@@ -13,10 +13,14 @@ from aiohttp import web
 
 from modeld import __version__
 from modeld.http.completions import completions
+from modeld.metrics import CONTENT_TYPE, Metrics
 from modeld.supervisor.registry import Supervisor
 
 
-def build_app(supervisor: Supervisor) -> web.Application:
+def build_app(supervisor: Supervisor, *, metrics: Metrics | None = None) -> web.Application:
+    if metrics is None:
+        metrics = Metrics(supervisor)
+
     async def healthz(_request: web.Request) -> web.Response:
         return web.json_response(
             {"status": "ok", "version": __version__, "loaded": supervisor.loaded_count()}
@@ -38,8 +42,12 @@ def build_app(supervisor: Supervisor) -> web.Application:
     async def complete(request: web.Request) -> web.Response:
         return await completions(request, supervisor)
 
+    async def scrape(_request: web.Request) -> web.Response:
+        return web.Response(body=metrics.exposition(), headers={"Content-Type": CONTENT_TYPE})
+
     app = web.Application()
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", scrape)
     app.router.add_get("/v1/models", list_models)
     app.router.add_post("/v1/completions", complete)
     return app
@@ -48,8 +56,9 @@ def build_app(supervisor: Supervisor) -> web.Application:
 class HttpServer:
     """Serves the app on already-listening sockets (inherited or bound by modeld)."""
 
-    def __init__(self, supervisor: Supervisor) -> None:
-        self._runner = web.AppRunner(build_app(supervisor), access_log=None, handle_signals=False)
+    def __init__(self, supervisor: Supervisor, *, metrics: Metrics | None = None) -> None:
+        app = build_app(supervisor, metrics=metrics)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
 
     async def start(self, sockets: Sequence[socket.socket]) -> None:
         await self._runner.setup()

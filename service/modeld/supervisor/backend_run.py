@@ -15,6 +15,8 @@ import contextlib
 import logging
 import os
 import signal
+import socket
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -28,9 +30,9 @@ from modeld.naming import SLICE
 from modeld.rpc.client import BackendClient, build_model_options
 from modeld.supervisor.environment import backend_environment, credentials_for
 from modeld.supervisor.records import RecordStore
-from modeld.supervisor.spawn import ExitStatus, GatedProcess, WatchedProcess
+from modeld.supervisor.spawn import Credentials, ExitStatus, GatedProcess, WatchedProcess
 from modeld.supervisor.systemd_api import SystemdApi
-from modeld.system import journal
+from modeld.system import journal, journald
 from modeld.system.cgroup import (
     CgroupLayout,
     OomWatch,
@@ -42,6 +44,35 @@ from modeld.system.inotify import DirectoryWatch
 from modeld.system.systemd import ScopeSpec
 
 log = logging.getLogger(__name__)
+
+RELAY_DRAIN_TIMEOUT = 2.0
+"""How long a stopped backend's log relay may take to send its last lines."""
+
+
+async def until_listening(path: Path) -> None:
+    """Return once the unix socket at ``path`` accepts connections.
+
+    inotify shows the socket file at bind(), a moment before listen(); a connection in
+    between is refused, and gRPC then backs off for at least 100 ms (its floor, whatever
+    the channel options say). The moment is short (the backend is between two system
+    calls), but modeld, woken by the same bind(), often runs right then. No event marks
+    listen(), so this tries again, yielding to the loop, a few times a millisecond. Any
+    other error is left for the gRPC client to report.
+    """
+    delay = 0.0002
+    while True:
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        try:
+            probe.connect(str(path))
+            return
+        except ConnectionRefusedError:
+            pass
+        except OSError:  # EAGAIN (its backlog is full: it listens), or gone: gRPC says
+            return
+        finally:
+            probe.close()
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.01)
 
 
 @dataclass(frozen=True)
@@ -85,6 +116,9 @@ class BackendRun:
     crash_status: ExitStatus | None = None
     """How the process ended when it ended on its own (not stopped by modeld)."""
     exited: asyncio.Event = field(default_factory=asyncio.Event)
+    relay: GatedProcess | None = None
+    """The log relay that sends the backend's output to the journal (in its scope)."""
+    relay_exited: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def address(self) -> str:
@@ -142,10 +176,8 @@ class BackendRun:
         credentials = credentials_for(config.user or context.default_user)
         with contextlib.suppress(FileNotFoundError):
             self.socket.unlink()
-        output_fd = journal.open_journal_stream(self.model)
-        if output_fd is None:
-            output_fd = journal.open_log_file(self.log_file)
         self.phase = "spawning"
+        output_fd = self._open_output(credentials)
         try:
             process = GatedProcess(
                 [str(definition.run), "--addr", self.address],
@@ -155,15 +187,61 @@ class BackendRun:
                 credentials=credentials,
                 on_exit=on_exit,
             )
+        except BaseException:
+            if self.relay is not None:
+                self.stopping = True
+                self.relay.close()
+            raise
         finally:
             os.close(output_fd)
         self.process = process
         self.phase = "creating its scope"
         await self._start_scope(config, context)
         self.phase = "opening the gate"
+        if self.relay is not None:
+            self.relay.open_gate()
         process.open_gate()
         on_in_scope(process.pid, await self.watch_cgroup(context))
         await self._guard_stall(context, self._handshake(context, options))
+
+    def _open_output(self, credentials: Credentials | None) -> int:
+        """The backend's stdout and stderr: a pipe to its log relay (started behind its
+        own gate, so it joins the scope first) when journald takes native entries, else a
+        journal stream (no MODELD_MODEL field), else a file."""
+        if journald.available():
+            read, write = os.pipe2(os.O_CLOEXEC)
+            output = os.dup(write)
+            devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                self.relay = GatedProcess(
+                    [
+                        sys.executable,
+                        *("-I", "-S", journald.__file__),
+                        *(self.model, self.unit, journald.JOURNAL_SOCKET),
+                    ],
+                    env={},
+                    cwd="/",
+                    output_fd=devnull,
+                    credentials=credentials,
+                    on_exit=self._relay_ended,
+                    gate_pipe=(read, write),
+                )
+                return output
+            except OSError as err:
+                os.close(output)
+                log.warning(
+                    "model %s: no log relay (%s): output without MODELD_MODEL", self.model, err
+                )
+            finally:
+                os.close(devnull)
+        output_fd = journal.open_journal_stream(self.model)
+        return output_fd if output_fd is not None else journal.open_log_file(self.log_file)
+
+    def _relay_ended(self, status: ExitStatus) -> None:
+        self.relay_exited.set()
+        if not self.stopping and status != ExitStatus(code=0, signal=None):
+            # Its backend's next line then fails (EPIPE, or SIGPIPE for most programs).
+            log.warning("model %s: the log relay of its backend %s", self.model, status.describe())
 
     async def _start_scope(self, config: ModelConfig, context: OwnerContext) -> None:
         assert self.process is not None
@@ -176,6 +254,7 @@ class BackendRun:
             tasks_max=config.tasks_max,
             cpu_weight=config.cpu_weight,
             stop_timeout_s=context.stop_timeout,
+            extra_pids=(self.relay.pid,) if self.relay is not None else (),
         )
         await context.systemd.start_scope(spec, self.process.pid)
         self.scope_started = True
@@ -197,6 +276,7 @@ class BackendRun:
     async def _handshake(self, context: OwnerContext, options: Any) -> None:
         self.phase = "waiting for its socket"
         await context.sockets.wait_for(self.socket.name)
+        await until_listening(self.socket)
         self.client = BackendClient(self.address)
         self.phase = "waiting for Health"
         await self.client.health()
@@ -268,6 +348,8 @@ class BackendRun:
                 self.process.kill()
                 await self.exited.wait()
             self.process.close()
+        if self.relay is not None:
+            await self._end_relay()
         if self.scope_started:
             if scope_result:
                 result = await systemd.unit_property(self.unit, "Scope", "Result")
@@ -283,10 +365,22 @@ class BackendRun:
         context.records.remove(self.unit)
         return result
 
+    async def _end_relay(self) -> None:
+        """The relay ends once the backend's output is closed; give it a moment to send
+        the last lines (the scope is normally empty already), then make sure."""
+        assert self.relay is not None
+        self.relay.close_gate()
+        if self.relay.exit_status is None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.relay_exited.wait(), RELAY_DRAIN_TIMEOUT)
+        self.relay.close()
+
     async def release(self) -> None:
         """Stop watching but leave the backend running (modeld restarts and re-adopts it)."""
         if self.process is not None:
             self.process.release()
+        if self.relay is not None:
+            self.relay.release()
         if self.oom is not None:
             self.oom.close()
         if self.client is not None:

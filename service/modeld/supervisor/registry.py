@@ -33,6 +33,7 @@ from modeld.supervisor.systemd_api import SystemdApi
 from modeld.system.cgroup import CgroupLayout
 from modeld.system.gpu import GpuProbe, NullProbe
 from modeld.system.inotify import DirectoryWatch
+from modeld.system.journal_logging import attributed_to
 from modeld.system.pressure import PressureTrigger, pressure_file, read_pressure
 
 log = logging.getLogger(__name__)
@@ -237,11 +238,15 @@ class Supervisor:
             records=self._records,
             restart=self._restart,
         )
-        owner = ModelOwner(
-            model,
-            context,
-            self,
-            last_generation=self._generations.get(unit_escape(model.name), 0),
+        # Everything the owner logs (its task and what that starts) is about this model.
+        owner = attributed_to(
+            model.name,
+            lambda: ModelOwner(
+                model,
+                context,
+                self,
+                last_generation=self._generations.get(unit_escape(model.name), 0),
+            ),
         )
         self._owners[model.name] = owner
         self._scheduler.track(model, owner.status)
@@ -314,6 +319,11 @@ class Supervisor:
             if owner.status.control_group:
                 total += self._cgroups.memory_current(owner.status.control_group) or 0
         return total
+
+    def unit_of(self, name: str) -> str:
+        """The scope unit of ``name``'s backend ("" when none or not configured)."""
+        owner = self._owners.get(name)
+        return owner.status.unit if owner is not None else ""
 
     def memory_current(self, name: str) -> int:
         control_group = self.status(name).control_group

@@ -17,6 +17,9 @@ from dataclasses import dataclass
 
 GATE_EXIT_STATUS = 111
 _GATE_SCRIPT = 'IFS= read -r token && [ "$token" = go ] || exit 111; exec "$@" </dev/null'
+_GATE_KEEP_STDIN = 'IFS= read -r token && [ "$token" = go ] || exit 111; exec "$@"'
+"""For a process whose stdin is a pipe it reads after the token (a log relay): the
+shell's ``read`` takes the token line byte by byte and leaves the rest in the pipe."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,11 +119,16 @@ class GatedProcess(WatchedProcess):
         output_fd: int,
         credentials: Credentials | None,
         on_exit: Callable[[ExitStatus], None],
+        gate_pipe: tuple[int, int] | None = None,
     ) -> None:
-        gate_read, self._gate_write = os.pipe2(os.O_CLOEXEC)
+        """``gate_pipe`` (read end, write end; both taken over): the token comes through
+        this pipe and its read end stays the process's stdin (default: a pipe of its
+        own, and stdin is /dev/null after the gate)."""
+        gate_read, self._gate_write = gate_pipe or os.pipe2(os.O_CLOEXEC)
+        script = _GATE_SCRIPT if gate_pipe is None else _GATE_KEEP_STDIN
         try:
             self._popen = subprocess.Popen(
-                ["/bin/sh", "-c", _GATE_SCRIPT, "modeld-gate", *argv],
+                ["/bin/sh", "-c", script, "modeld-gate", *argv],
                 stdin=gate_read,
                 stdout=output_fd,
                 stderr=output_fd,
@@ -142,6 +150,10 @@ class GatedProcess(WatchedProcess):
     def open_gate(self) -> None:
         """Let the backend exec; call only once it is inside its scope."""
         os.write(self._gate_write, b"go\n")
+        self._close_gate()
+
+    def close_gate(self) -> None:
+        """Close the gate without opening it: the process exits 111 if still waiting."""
         self._close_gate()
 
     def _close_gate(self) -> None:

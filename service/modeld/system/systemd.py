@@ -50,6 +50,8 @@ class ScopeSpec:
     tasks_max: int
     cpu_weight: int | None
     stop_timeout_s: float
+    extra_pids: tuple[int, ...] = ()
+    """More processes for the scope besides the backend (its log relay)."""
 
 
 def unit_object_path(unit: str) -> str:
@@ -120,7 +122,7 @@ class Systemd:
         props: list[list[Any]] = [
             ["Description", Variant("s", spec.description)],
             ["Slice", Variant("s", spec.slice)],
-            ["PIDs", Variant("au", [pid])],
+            ["PIDs", Variant("au", [pid, *spec.extra_pids])],
             ["MemoryAccounting", Variant("b", True)],
             ["MemoryMax", Variant("t", spec.memory_max)],
             ["TasksAccounting", Variant("b", True)],
