@@ -68,15 +68,8 @@ def curl(modeld: Modeld, *args: str) -> str:
 
 
 def curl_post(modeld: Modeld, path: str, body: dict[str, Any], *args: str) -> str:
-    return curl(
-        modeld,
-        *args,
-        "-H",
-        "Content-Type: application/json",
-        "-d",
-        json.dumps(body),
-        f"http://modeld{path}",
-    )
+    """POST with ``curl -d`` as people type it: no JSON Content-Type (curl says form data)."""
+    return curl(modeld, *args, "-d", json.dumps(body), f"http://modeld{path}")
 
 
 def split_response(out: str) -> tuple[str, dict[str, str], Any]:
