@@ -62,7 +62,11 @@ class OpenAIRoutes:
             ("POST", "/v1/embeddings", self.embeddings),
         ]
         for method, path, route in routes:
-            router.add_route(method, path, self._instrumented(path, route))
+            handler = self._instrumented(path, route)
+            if method == "GET":
+                router.add_get(path, handler)
+            else:
+                router.add_route(method, path, handler)
 
     def _instrumented(self, path: str, route: Route) -> Handler:
         """``route`` answering errors in OpenAI's shape and reporting to the metrics."""
