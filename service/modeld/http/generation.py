@@ -116,6 +116,15 @@ class Gateway:
         """
         events = EventStream(http_request)
         try:
+            await self._stream(exchange, request, answer, events)
+        finally:
+            events.close()
+        return events.response
+
+    async def _stream(
+        self, exchange: Exchange, request: Generation, answer: ResponseFormat, events: EventStream
+    ) -> None:
+        try:
             async with self.serving(exchange, request.model) as ticket:
                 call, first = await self._first_reply(exchange, ticket, request, events)
                 try:
@@ -133,7 +142,6 @@ class Gateway:
             exchange.status = err.status
             with contextlib.suppress(ConnectionError):
                 await events.fail(err)
-        return events.response
 
     async def _first_reply(
         self, exchange: Exchange, ticket: Ticket, request: Generation, events: EventStream
