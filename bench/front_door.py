@@ -103,7 +103,9 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
-async def drive(rounds: int, pid: int, stream_len: int, clients: int) -> dict[str, Any]:
+async def drive(
+    rounds: int, pid: int, stream_len: int, stream_rounds: int, clients: int
+) -> dict[str, Any]:
     import grpc.aio
 
     from modeld.rpc import backend_pb2, backend_pb2_grpc
@@ -166,7 +168,7 @@ async def drive(rounds: int, pid: int, stream_len: int, clients: int) -> dict[st
     rates: dict[str, list[float]] = {"modeld": [], "direct": []}
     stream_cpu_ms = 0.0
     streamed = 0
-    for i in range(8):
+    for i in range(stream_rounds):
         pair: list[tuple[str, Callable[[], Awaitable[int]]]] = [
             ("modeld", lambda: stream_tokens(long)),
             ("direct", stream_direct),
@@ -215,6 +217,7 @@ async def drive(rounds: int, pid: int, stream_len: int, clients: int) -> dict[st
         "modeld_cpu_per_request_ms": round(cpu_per_request_ms, 3),
         "modeld_idle_cpu_ms_per_s": round(idle_rate / 1e6, 3),
         "stream_tokens": stream_len,
+        "stream_rounds": stream_rounds,
         "stream_tokens_per_s": {k: round(statistics.median(v)) for k, v in rates.items()},
         "stream_rate_ratio": round(
             statistics.median(rates["modeld"]) / statistics.median(rates["direct"]), 3
@@ -236,12 +239,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=500)
     parser.add_argument("--stream-tokens", type=int, default=2000)
+    parser.add_argument("--stream-rounds", type=int, default=16)
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--json", type=Path, help="also write the result here")
     parser.add_argument("--driver", type=int, metavar="PID", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.driver:
-        result = asyncio.run(drive(args.rounds, args.driver, args.stream_tokens, args.clients))
+        result = asyncio.run(
+            drive(args.rounds, args.driver, args.stream_tokens, args.stream_rounds, args.clients)
+        )
         print(json.dumps(result))
         return 0
 
@@ -263,6 +269,7 @@ def main() -> int:
             f"--driver={pid}",
             f"--rounds={args.rounds}",
             f"--stream-tokens={args.stream_tokens}",
+            f"--stream-rounds={args.stream_rounds}",
             f"--clients={args.clients}",
             env={"PYTHONPATH": str(REPO / "service"), "PATH": os.environ.get("PATH", "")},
             timeout=600,
