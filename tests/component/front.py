@@ -10,9 +10,12 @@ to it over the socket like any client and read the supervisor's side through
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
+import os
 import shutil
+import signal
 import tempfile
 import threading
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
@@ -196,9 +199,13 @@ class Front:
         finally:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)
+            left = dict(self.systemd.scopes)
+            for pid in left.values():  # a failed stop must not leave backends behind
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             self._loop.close()
             shutil.rmtree(self.root, ignore_errors=True)
-        assert self.systemd.scopes == {}, self.systemd.scopes
+        assert left == {}, left
 
 
 # --------------------------------------------------------------------------- clients
@@ -298,7 +305,8 @@ class RawStream:
 
     async def close(self) -> None:
         self.writer.close()
-        await self.writer.wait_closed()
+        with contextlib.suppress(ConnectionError):
+            await self.writer.wait_closed()
 
 
 async def gather_answers(*work: Awaitable[T]) -> list[T]:

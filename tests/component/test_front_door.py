@@ -392,23 +392,30 @@ def run_queue_scenario(front: Front) -> None:
         holder = await RawStream.open(
             front, "/v1/completions", completion("held", stream=True, max_tokens=FOREVER)
         )
-        assert holder.status == 200
-        assert (await holder.event_line()).startswith("data: ")
-        waiting = await RawStream.send(front, "/v1/completions", completion("held"))
-        await front.until_async(lambda: front.watch.in_flight("held") == 2)
-        assert front.queue("held") == (1, 1)
+        waiting = None
+        try:
+            assert holder.status == 200
+            while not (await holder.event_line()).startswith("data: "):
+                pass  # loading comments (the first request loads the model)
+            waiting = await RawStream.send(front, "/v1/completions", completion("held"))
+            await front.until_async(lambda: front.watch.in_flight("held") == 2)
+            assert front.queue("held") == (1, 1)
 
-        refused = await request(front, "POST", "/v1/completions", completion("held"))
-        error = error_of(refused, 429, "queue_full")
-        assert error["type"] == "rate_limit_error" and refused.headers["Retry-After"] == "1"
-        assert "max_queue 1" in error["message"]
+            refused = await request(front, "POST", "/v1/completions", completion("held"))
+            error = error_of(refused, 429, "queue_full")
+            assert error["type"] == "rate_limit_error" and refused.headers["Retry-After"] == "1"
+            assert "max_queue 1" in error["message"]
 
-        await waiting.close()
-        await front.until_async(lambda: front.watch.in_flight("held") == 1)
-        assert front.queue("held") == (0, 1)
-        await holder.close()
-        await front.until_async(lambda: front.watch.in_flight("held") == 0)
-        assert front.queue("held") == (0, 0)
+            await waiting.close()
+            await front.until_async(lambda: front.watch.in_flight("held") == 1)
+            assert front.queue("held") == (0, 1)
+            await holder.close()
+            await front.until_async(lambda: front.watch.in_flight("held") == 0)
+            assert front.queue("held") == (0, 0)
+        finally:
+            for stream in (holder, waiting):
+                if stream is not None:
+                    await stream.close()
 
         async with session(front) as client:
             served = await client.post("http://modeld/v1/completions", json=completion("held"))
