@@ -17,6 +17,7 @@ The daemon file (:data:`DEFAULT_CONFIG_PATH`, all keys optional)::
     load_stall_timeout = "120s"     # 0 = no stall detection
     stop_timeout = "10s"            # SIGTERM -> SIGKILL grace, > 0
     max_queue = 16                  # requests that may wait per model (models' default)
+    request_timeout = "5m"          # HTTP: longest wait for a model's load and slot; 0 = none
 
 Relative paths in the daemon file are relative to the directory holding it.
 
@@ -132,6 +133,7 @@ _DAEMON_KEYS: Final = (
     "load_stall_timeout",
     "stop_timeout",
     "max_queue",
+    "request_timeout",
 )
 _MODEL_KEYS: Final = (
     "backend",
@@ -216,6 +218,9 @@ class DaemonConfig:
     max_queue: int
     """Requests that may wait for a model (load or slot) before more are refused; the
     default of each model's ``max_queue``."""
+    request_timeout: float
+    """Longest time an HTTP request waits for its model to load and for a ``parallel`` slot
+    before it is answered 503 (0: no limit); the generation itself is not bounded."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -460,6 +465,7 @@ def _parse_daemon(
         load_stall_timeout=t.duration("load_stall_timeout", 120.0),
         stop_timeout=t.duration("stop_timeout", 10.0, positive=True),
         max_queue=t.integer("max_queue", 16, 0),
+        request_timeout=t.duration("request_timeout", 300.0),
     )
 
 

@@ -94,14 +94,6 @@ class MetricsSource(Protocol):
     def memory_current(self, name: str) -> int: ...
 
 
-class RequestMetrics(Protocol):
-    """What the HTTP layer reports about requests (implemented by :class:`Metrics`)."""
-
-    def request_finished(self, model: str, route: str, status: int, seconds: float) -> None: ...
-
-    def first_token(self, model: str, route: str, seconds: float) -> None: ...
-
-
 @dataclass
 class _Track:
     """What the events told about one model so far."""

@@ -84,6 +84,7 @@ def test_defaults() -> None:
     assert d.backend_user is None
     assert d.load_stall_timeout == 120.0
     assert d.stop_timeout == 10.0
+    assert d.request_timeout == 300.0
 
 
 def test_default_path_constant() -> None:
@@ -140,6 +141,7 @@ eviction_retry_interval = "250ms"
 backend_user = "nobody"
 load_stall_timeout = "2m"
 stop_timeout = 3.5
+request_timeout = "90s"
 """
     )
     d = setup.load().daemon
@@ -156,6 +158,7 @@ stop_timeout = 3.5
     assert d.backend_user == "nobody"
     assert d.load_stall_timeout == 120.0
     assert d.stop_timeout == 3.5
+    assert d.request_timeout == 90.0
 
 
 def test_relative_models_dir_is_relative_to_the_daemon_file(tmp_path: Path) -> None:

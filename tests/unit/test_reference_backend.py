@@ -253,6 +253,23 @@ def test_predict_stream_matches_predict(loaded: Backend) -> None:
     assert b"".join(p.message for p in parts) == whole.message
 
 
+def test_chat_messages_get_an_answer_in_a_new_turn(loaded: Backend) -> None:
+    """With UseTokenizerTemplate the reply to chat messages is the assistant's turn: it
+    follows the conversation's last words but starts afresh, not as a word continued."""
+    messages = [
+        pb.Message(role="system", content="You answer briefly."),
+        pb.Message(role="user", content="Tell me about the sea"),
+    ]
+    chat = pb.PredictOptions(Messages=messages, UseTokenizerTemplate=True, Tokens=12)
+    reply = loaded.stub.Predict(chat, timeout=RPC_TIMEOUT)
+    continued = loaded.predict("You answer briefly.\nTell me about the sea", Tokens=12)
+    assert reply.tokens == 12 and reply.prompt_tokens == continued.prompt_tokens
+    assert reply.message.decode() == continued.message.decode().lstrip()
+    assert not reply.message.startswith(b" ")
+    streamed = b"".join(r.message for r in loaded.stub.PredictStream(chat, timeout=RPC_TIMEOUT))
+    assert streamed == reply.message
+
+
 def test_stop_prompts_cut_output(loaded: Backend) -> None:
     full = loaded.predict("The lens", Tokens=30).message.decode()
     stop = full.split()[4]

@@ -227,17 +227,21 @@ class NgramModel:
             context = [*context[-1:], token]
             yield token
 
-    def generate(self, prompt: str, params: SamplingParams) -> Iterator[Chunk]:
+    def generate(
+        self, prompt: str, params: SamplingParams, *, new_turn: bool = False
+    ) -> Iterator[Chunk]:
         """Yield the text continuing ``prompt`` in chunks, honouring stop strings.
 
-        Without stop strings each chunk is one token with its leading space. Text that
+        Without stop strings each chunk is one token with its leading space; with
+        ``new_turn`` (a chat reply) the text starts a new turn: no space before its first
+        token. Text that
         could be the start of a stop string is held back until it is known not to be;
         when a stop string appears, generation ends and the text is cut just before it.
         So joining the chunks always gives the same text as a non-streamed generation,
         and no part of a stop string is ever yielded.
         """
         prompt_tokens = tokenize(prompt)
-        previous: str | None = prompt_tokens[-1] if prompt_tokens else None
+        previous: str | None = prompt_tokens[-1] if prompt_tokens and not new_turn else None
         stops = [s for s in params.stop if s]
         pending = ""  # generated, not yet yielded; any stop match can only start here
         pending_tokens = 0
@@ -261,9 +265,11 @@ class NgramModel:
         if pending:
             yield Chunk(pending, pending_tokens)
 
-    def generate_text(self, prompt: str, params: SamplingParams) -> tuple[str, int]:
+    def generate_text(
+        self, prompt: str, params: SamplingParams, *, new_turn: bool = False
+    ) -> tuple[str, int]:
         """The whole continuation of ``prompt`` and the number of tokens it counts."""
-        chunks = list(self.generate(prompt, params))
+        chunks = list(self.generate(prompt, params, new_turn=new_turn))
         return "".join(c.text for c in chunks), sum(c.tokens for c in chunks)
 
 

@@ -16,6 +16,8 @@ import sys
 from modeld.reference_backend.log import log
 
 DEFAULT_WORKERS = 32
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+"""Largest request accepted (gRPC's default, 4 MiB, is below modeld's HTTP body limit)."""
 STOP_GRACE_SECONDS = 0.5
 
 
@@ -77,7 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     server = grpc.server(
         ThreadPoolExecutor(max_workers=args.workers, thread_name_prefix="rpc"),
         # Fail on a TCP port that is already taken instead of sharing it.
-        options=[("grpc.so_reuseport", 0)],
+        options=[
+            ("grpc.so_reuseport", 0),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ],
     )
     backend_pb2_grpc.add_BackendServicer_to_server(ReferenceBackend(control), server)
     try:

@@ -169,11 +169,17 @@ class ReferenceBackend:
         )
 
     @staticmethod
-    def _prompt(request: Any) -> str:
-        """The prompt: Prompt, else the chat messages' contents joined by newlines."""
+    def _prompt(request: Any) -> tuple[str, bool]:
+        """The prompt and whether the answer is a new chat turn.
+
+        Prompt if set; else the chat messages' contents joined by newlines. With
+        ``UseTokenizerTemplate`` (the backend applies the chat template) the answer is the
+        assistant's turn, which starts afresh instead of continuing the last word.
+        """
         if request.Prompt:
-            return str(request.Prompt)
-        return "\n".join(m.content for m in request.Messages if m.content)
+            return str(request.Prompt), False
+        text = "\n".join(m.content for m in request.Messages if m.content)
+        return text, bool(request.UseTokenizerTemplate)
 
     def _set_model(self, loaded: Loaded | None) -> None:
         """Replace the model and its timers (crash_after, hang_after)."""
@@ -254,12 +260,14 @@ class ReferenceBackend:
         """Generate a continuation of the prompt in one Reply."""
         self._enter()
         loaded = self._require_model()
-        prompt = self._prompt(request)
+        prompt, new_turn = self._prompt(request)
         with self._busy_scope(loaded):
             started = time.monotonic()
             n_prompt = len(tokenize(prompt))
             prompt_done = time.monotonic()
-            text, n_tokens = loaded.model.generate_text(prompt, self._sampling(request))
+            text, n_tokens = loaded.model.generate_text(
+                prompt, self._sampling(request), new_turn=new_turn
+            )
             done = time.monotonic()
         return pb.Reply(
             message=text.encode("utf-8"),
@@ -278,10 +286,11 @@ class ReferenceBackend:
         try:
             self._enter()
             loaded = self._require_model()
-            prompt = self._prompt(request)
+            prompt, new_turn = self._prompt(request)
             n_prompt = len(tokenize(prompt))
             with self._busy_scope(loaded):
-                for chunk in loaded.model.generate(prompt, self._sampling(request)):
+                sampling = self._sampling(request)
+                for chunk in loaded.model.generate(prompt, sampling, new_turn=new_turn):
                     self._enter()
                     if not context.is_active():
                         return
