@@ -59,6 +59,8 @@ class OwnerObserver(Protocol):
     def on_unloaded(self, model: str, reason: str) -> None: ...
 
 
+_PER_REQUEST = {ModelState.READY, ModelState.BUSY}
+"""Ready <-> busy follows every request: logged at debug level, not once per request."""
 RESTART_BACKOFF_MAX = 60.0
 HEALTHY_RUN = 60.0
 """A backend that served at least this long before it crashed restarts without backoff."""
@@ -401,7 +403,8 @@ class ModelOwner:
     def _set_state(self, state: ModelState, **changes: object) -> None:
         old = self.status.state
         check_transition(old, state)
-        log.info("model %s: %s -> %s", self.name, old, state)
+        level = logging.DEBUG if {old, state} == _PER_REQUEST else logging.INFO
+        log.log(level, "model %s: %s -> %s", self.name, old, state)
         self._set(state=state, **changes)
 
     # ------------------------------------------------------------------------- load
