@@ -414,7 +414,8 @@ class ModelOwner:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         state = self.status.state
         if state.serving:
-            self._set(last_used_us=_now_us())
+            if not self._in_use:  # in use, LastUsed is refreshed when the use ends
+                self._set(last_used_us=_now_us())
             done.set_result(None)
         elif state is ModelState.LOADING:
             self._load_waiters.append(done)

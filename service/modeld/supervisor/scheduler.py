@@ -377,6 +377,10 @@ class Scheduler:
         if target is None:
             self._fail(admission, NoSuchModel(f"model {admission.target!r} was removed"))
             return
+        holds = target.status.state.occupies_slot or admission.target in self._starting
+        if holds and admission.target not in self._going():
+            self._launch(admission, target.status.gpu, None)  # joins: nothing to decide
+            return
         reading = await self._gpu_reading() if target.config.gpu_memory > 0 else None
         limits = Limits(
             max_loaded=self._policy.max_loaded,
