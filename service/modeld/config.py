@@ -18,6 +18,7 @@ The daemon file (:data:`DEFAULT_CONFIG_PATH`, all keys optional)::
     stop_timeout = "10s"            # SIGTERM -> SIGKILL grace, > 0
     max_queue = 16                  # requests that may wait per model (models' default)
     request_timeout = "5m"          # HTTP: longest wait for a model's load and slot; 0 = none
+    backend_log_fields = true       # backends' output tagged MODELD_MODEL (a relay per backend)
 
 Relative paths in the daemon file are relative to the directory holding it.
 
@@ -134,6 +135,7 @@ _DAEMON_KEYS: Final = (
     "stop_timeout",
     "max_queue",
     "request_timeout",
+    "backend_log_fields",
 )
 _MODEL_KEYS: Final = (
     "backend",
@@ -219,6 +221,8 @@ class DaemonConfig:
     """Requests that may wait for a model (load or slot) before more are refused; the
     default of each model's ``max_queue``."""
     request_timeout: float
+    backend_log_fields: bool
+    """Tag backends' output with MODELD_MODEL through a log relay in their scope."""
     """Longest time an HTTP request waits for its model to load and for a ``parallel`` slot
     before it is answered 503 (0: no limit); the generation itself is not bounded."""
 
@@ -466,6 +470,7 @@ def _parse_daemon(
         stop_timeout=t.duration("stop_timeout", 10.0, positive=True),
         max_queue=t.integer("max_queue", 16, 0),
         request_timeout=t.duration("request_timeout", 300.0),
+        backend_log_fields=t.boolean("backend_log_fields", True),
     )
 
 

@@ -5,6 +5,7 @@ the backend and is gone when the backend is (real backends, fake systemd, no sle
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -93,3 +94,25 @@ def test_a_log_relay_that_dies_is_reported(tmp_path: Path, monkeypatch: pytest.M
         logging.getLogger("modeld.supervisor.backend_run").removeHandler(catch)
         sock.close()
     assert warnings == ["model a: the log relay of its backend killed by SIGKILL"]
+
+
+def test_without_backend_log_fields_there_is_no_relay(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "journal.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    monkeypatch.setattr(journald, "JOURNAL_SOCKET", str(path))
+
+    async def scenario() -> None:
+        async with host(tmp_path) as h:
+            h.context = dataclasses.replace(h.context, log_relay=False)
+            a = await h.loaded("a")
+            (spec,) = h.systemd.specs.values()
+            assert spec.extra_pids == ()
+            await (await a.request_unload("requested"))
+
+    try:
+        run(scenario)
+    finally:
+        sock.close()

@@ -91,6 +91,9 @@ class OwnerContext:
     """The watch on ``runtime_dir/backends`` that sees backend sockets appear."""
     records: RecordStore
     """Where ready backends are recorded for re-adoption after a restart."""
+    log_relay: bool = True
+    """Backends' output goes through a log relay that adds MODELD_MODEL (daemon key
+    ``backend_log_fields``)."""
     restart: Callable[[str], None] = lambda _name: None
     """Asks the supervisor to load a model again (``restart = "on-failure"``)."""
 
@@ -177,7 +180,7 @@ class BackendRun:
         with contextlib.suppress(FileNotFoundError):
             self.socket.unlink()
         self.phase = "spawning"
-        output_fd = self._open_output(credentials)
+        output_fd = self._open_output(credentials, relay=context.log_relay)
         try:
             process = GatedProcess(
                 [str(definition.run), "--addr", self.address],
@@ -204,11 +207,11 @@ class BackendRun:
         on_in_scope(process.pid, await self.watch_cgroup(context))
         await self._guard_stall(context, self._handshake(context, options))
 
-    def _open_output(self, credentials: Credentials | None) -> int:
+    def _open_output(self, credentials: Credentials | None, *, relay: bool) -> int:
         """The backend's stdout and stderr: a pipe to its log relay (started behind its
-        own gate, so it joins the scope first) when journald takes native entries, else a
-        journal stream (no MODELD_MODEL field), else a file."""
-        if journald.available():
+        own gate, so it joins the scope first) when ``relay`` and journald takes native
+        entries, else a journal stream (no MODELD_MODEL field), else a file."""
+        if relay and journald.available():
             read, write = os.pipe2(os.O_CLOEXEC)
             output = os.dup(write)
             devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)

@@ -236,6 +236,7 @@ class Supervisor:
             default_user=self._default_user,
             sockets=self._sockets,
             records=self._records,
+            log_relay=self.config.daemon.backend_log_fields,
             restart=self._restart,
         )
         # Everything the owner logs (its task and what that starts) is about this model.
