@@ -77,25 +77,12 @@ async def drive(
 ) -> dict[str, object]:
     from dbus_next.aio.message_bus import MessageBus
     from dbus_next.constants import BusType
-    from dbus_next.message import Message
-    from dbus_next.signature import Variant
+    from manager_calls import call_manager
 
     bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
 
     async def manager(member: str, wait: bool) -> None:
-        options = {"wait": Variant("b", True)} if wait else {}
-        reply = await bus.call(
-            Message(
-                destination="org.modeld1",
-                path="/org/modeld1",
-                interface="org.modeld1.Manager",
-                member=member,
-                signature="sa{sv}",
-                body=[MODEL, options],
-            )
-        )
-        if reply.error_name:
-            raise RuntimeError(f"{member} failed: {reply.body}")
+        await call_manager(bus, member, MODEL, wait=wait)
 
     calls: dict[str, list[float]] = {"Load": [], "Unload": []}
 

@@ -80,26 +80,13 @@ async def drive_swaps(rounds: int) -> dict[str, list[float]]:
     import load_overhead as lo
     from dbus_next.aio.message_bus import MessageBus
     from dbus_next.constants import BusType
-    from dbus_next.message import Message
-    from dbus_next.signature import Variant
+    from manager_calls import call_manager
 
     lo.RAW_SOCKET_DIR.mkdir(parents=True, exist_ok=True)
     bus = await MessageBus(bus_type=BusType.SYSTEM).connect()
 
     async def manager(member: str, name: str, wait: bool) -> None:
-        options = {"wait": Variant("b", True)} if wait else {}
-        reply = await bus.call(
-            Message(
-                destination="org.modeld1",
-                path="/org/modeld1",
-                interface="org.modeld1.Manager",
-                member=member,
-                signature="sa{sv}",
-                body=[name, options],
-            )
-        )
-        if reply.error_name:
-            raise RuntimeError(f"{member} {name}: {reply.body}")
+        await call_manager(bus, member, name, wait=wait)
 
     times: dict[str, list[float]] = {"modeld": [], "raw": []}
     for round_no in range(-1, rounds):

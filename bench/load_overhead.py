@@ -108,28 +108,16 @@ async def _raw_start(round_no: int, *, scoped: bool) -> tuple[float, Callable[[]
 
 
 async def _modeld_load(bus: object) -> tuple[float, Callable[[], Awaitable[None]]]:
-    from dbus_next.message import Message
-    from dbus_next.signature import Variant
-
-    def message(member: str, wait: bool) -> Message:
-        options = {"wait": Variant("b", True)} if wait else {}
-        return Message(
-            destination="org.modeld1",
-            path="/org/modeld1",
-            interface="org.modeld1.Manager",
-            member=member,
-            signature="sa{sv}",
-            body=[MODEL, options],
-        )
+    from manager_calls import call_manager, manager_message
 
     start = time.perf_counter()
-    reply = await bus.call(message("Load", True))  # type: ignore[attr-defined]
+    reply = await bus.call(manager_message("Load", MODEL, wait=True))  # type: ignore[attr-defined]
     elapsed = time.perf_counter() - start
     if reply.error_name:
         raise RuntimeError(f"Load failed: {reply.body}")
 
     async def cleanup() -> None:
-        await bus.call(message("Unload", False))  # type: ignore[attr-defined]
+        await call_manager(bus, "Unload", MODEL, wait=False)
 
     return elapsed, cleanup
 

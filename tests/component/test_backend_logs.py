@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,13 +35,19 @@ def entries(sock: socket.socket) -> list[dict[str, bytes]]:
         found.append(fields)
 
 
-def test_backend_output_reaches_the_journal_tagged_with_its_model_and_scope(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def sock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[socket.socket]:
+    """A fake journald: the datagram socket backends' relays send their entries to."""
     path = tmp_path / "journal.sock"
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(str(path))
-    monkeypatch.setattr(journald, "JOURNAL_SOCKET", str(path))
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as journal:
+        journal.bind(str(path))
+        monkeypatch.setattr(journald, "JOURNAL_SOCKET", str(path))
+        yield journal
+
+
+def test_backend_output_reaches_the_journal_tagged_with_its_model_and_scope(
+    tmp_path: Path, sock: socket.socket
+) -> None:
 
     async def scenario() -> None:
         async with host(tmp_path) as h:
@@ -55,7 +62,6 @@ def test_backend_output_reaches_the_journal_tagged_with_its_model_and_scope(
 
     run(scenario)
     lines = entries(sock)
-    sock.close()
     messages = [e["MESSAGE"].decode() for e in lines]
     assert any("listening on unix:" in m for m in messages), messages
     assert any("SIGTERM received, exiting" in m for m in messages), messages  # the last words
@@ -64,11 +70,7 @@ def test_backend_output_reaches_the_journal_tagged_with_its_model_and_scope(
     assert all(e["SYSLOG_IDENTIFIER"] == b"a" for e in lines)
 
 
-def test_a_log_relay_that_dies_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    path = tmp_path / "journal.sock"
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(str(path))
-    monkeypatch.setattr(journald, "JOURNAL_SOCKET", str(path))
+def test_a_log_relay_that_dies_is_reported(tmp_path: Path, sock: socket.socket) -> None:
     warnings: list[str] = []
     seen = asyncio.Event()
 
@@ -92,17 +94,10 @@ def test_a_log_relay_that_dies_is_reported(tmp_path: Path, monkeypatch: pytest.M
         run(scenario)
     finally:
         logging.getLogger("modeld.supervisor.backend_run").removeHandler(catch)
-        sock.close()
     assert warnings == ["model a: the log relay of its backend killed by SIGKILL"]
 
 
-def test_without_backend_log_fields_there_is_no_relay(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    path = tmp_path / "journal.sock"
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    sock.bind(str(path))
-    monkeypatch.setattr(journald, "JOURNAL_SOCKET", str(path))
+def test_without_backend_log_fields_there_is_no_relay(tmp_path: Path, sock: socket.socket) -> None:
 
     async def scenario() -> None:
         async with host(tmp_path) as h:
@@ -112,7 +107,4 @@ def test_without_backend_log_fields_there_is_no_relay(
             assert spec.extra_pids == ()
             await (await a.request_unload("requested"))
 
-    try:
-        run(scenario)
-    finally:
-        sock.close()
+    run(scenario)
