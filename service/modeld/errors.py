@@ -34,6 +34,14 @@ class LoadFailed(ModeldError):
     dbus_name = ERROR_PREFIX + "LoadFailed"
 
 
+class InCooldown(LoadFailed):
+    """The model's last load failed and its cooldown runs; ``retry_after`` in seconds."""
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class Busy(ModeldError):
     dbus_name = ERROR_PREFIX + "Busy"
 

@@ -65,13 +65,13 @@ class RecordingEffects:
         return future
 
     def start_load(
-        self, name: str, gpu: str, after: Awaitable[object] | None
+        self, name: str, gpu: str, after: Awaitable[object] | None, force: bool
     ) -> asyncio.Future[asyncio.Future[None]]:
         loop = asyncio.get_running_loop()
         completion = self.completions.setdefault(name, loop.create_future())
         accepted: asyncio.Future[asyncio.Future[None]] = loop.create_future()
         accepted.set_result(completion)
-        self._record(Effect("start_load", name, gpu=gpu, after=after))
+        self._record(Effect("start_load", name, gpu=gpu, after=after, force=force))
         return accepted
 
     def report_gpu_memory(self, name: str, used: int) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from fakes import FakeSystemd, model_config
 from modeld.core.effects import EvictionRefused
 from modeld.core.states import ModelState
 from modeld.discovery import BUILTIN_BACKENDS_DIR, discover_backends
+from modeld.errors import InCooldown, LoadFailed
 from modeld.rpc import backend_pb2
 from modeld.supervisor import owner as owner_module
 from modeld.supervisor.backend_run import OwnerContext
@@ -270,5 +272,32 @@ def test_the_restart_backoff_starts_over_after_a_healthy_run(
                     lambda n=crashes: h.observer.unloads.count(("a", "crashed")) == n  # type: ignore[misc]
                 )
             assert a._failures_in_a_row == failures
+
+    run(scenario)
+
+
+def test_a_failed_load_starts_a_cooldown_that_force_skips_and_a_new_config_ends(
+    tmp_path: Path,
+) -> None:
+    async def scenario() -> None:
+        async with host(tmp_path) as h:
+            broken = 'options.Options = ["fail_load=no weights"]\n'
+            a = h.owner("a", broken)
+            with pytest.raises(LoadFailed, match="no weights"):
+                await (await a.request_load())
+            first = a.status.retry_after_us
+            assert first / 1e6 - time.time() == pytest.approx(10, abs=2)
+            with pytest.raises(InCooldown, match=r"a: its last load failed .* again in 1\ds"):
+                await a.request_load()
+            assert [c for c in h.systemd.calls if c[0] == "start_scope"] == [
+                ("start_scope", "modeld-backend-a-1.scope")
+            ]  # refused at once: nothing was started
+            with pytest.raises(LoadFailed, match="no weights"):
+                await (await a.request_load(force=True))
+            assert (a.status.retry_after_us - first) / 1e6 == pytest.approx(10, abs=2)  # 20 s
+            a.reconfigure(model_config(tmp_path, "a", f'model = "{DEMO}"\n'))
+            await (await a.request_load())
+            assert a.status.state is ModelState.READY
+            assert a.status.retry_after_us == 0
 
     run(scenario)

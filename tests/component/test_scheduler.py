@@ -5,6 +5,7 @@ synchronise with ``Scheduler.flush()``."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from fakes import FakeMeasurements, RecordingEffects, model_config
 
 from modeld.core.eviction import GpuView, decide_load
 from modeld.core.states import ModelState
-from modeld.errors import Busy, InsufficientResources, LoadFailed, NoSuchModel
+from modeld.errors import Busy, InCooldown, InsufficientResources, LoadFailed, NoSuchModel
 from modeld.supervisor.scheduler import Scheduler, SchedulerPolicy
 from modeld.supervisor.status import ModelStatus, StatusChange
 from modeld.system.pressure import PressureReading
@@ -410,5 +411,26 @@ def test_an_internal_error_fails_the_load_and_the_scheduler_goes_on(
             await w.scheduler.load("a")
         await w.scheduler.load("a")  # the next load is decided normally
         assert [e.name for e in w.effects.kinds("start_load")] == ["a"]
+
+    run(scenario)
+
+
+def test_a_model_in_cooldown_is_refused_at_once_unless_forced(
+    world: Callable[..., Awaitable[World]],
+) -> None:
+    async def scenario() -> None:
+        w = await world()
+        w.model("a", state=READY, last_used_us=1)
+        later = time.time_ns() // 1000 + 30_000_000
+        w.model("b", state=ModelState.FAILED, last_error="LoadModel failed", retry_after_us=later)
+        with pytest.raises(InCooldown, match=r"b: its last load failed \(LoadModel failed\)"):
+            await w.scheduler.load("b")
+        assert w.effects.effects == []  # nothing evicted for a load that cannot happen
+        w.scheduler.load("b", force=True)
+        (eviction,) = await w.effects.wait_for("evict")
+        assert eviction.name == "a"
+        await w.evicted("a")
+        (start,) = w.effects.kinds("start_load")
+        assert start.force  # the owner is told too: it decides again
 
     run(scenario)

@@ -391,7 +391,8 @@ def test_list_json(fake: FakeModeld) -> None:
     assert set(tiny) == {
         *("name", "backend", "state", "unit", "control_group", "main_pid", "endpoint"),
         *("memory_current", "memory_max", "gpu_memory", "gpu", "last_used_usec", "in_flight"),
-        *("pinned", "concurrency_groups", "last_error", "load_count", "path"),
+        *("pinned", "concurrency_groups", "last_error", "load_count", "retry_after_usec"),
+        "path",
     }
 
 

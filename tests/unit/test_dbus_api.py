@@ -67,6 +67,7 @@ def test_model_interface_matches_the_contract() -> None:
         "ConcurrencyGroups": "as",
         "LastError": "s",
         "LoadCount": "u",
+        "RetryAfter": "t",
     }
     assert members(model) == {
         "method Load": ("a{sv}", "o"),

@@ -43,6 +43,7 @@ MODEL_PROPERTIES: Final[Mapping[str, str]] = MappingProxyType(
         "ConcurrencyGroups": STRINGS,
         "LastError": STRING,
         "LoadCount": UINT32,
+        "RetryAfter": UINT64,
     }
 )
 

@@ -64,6 +64,7 @@ _STATUS_PROPERTIES: tuple[tuple[str, Callable[[ModelStatus], object]], ...] = (
     ("Pinned", lambda s: s.pinned),
     ("LastError", lambda s: s.last_error),
     ("LoadCount", lambda s: s.load_count),
+    ("RetryAfter", lambda s: s.retry_after_us),
     ("Gpu", lambda s: s.gpu),
     ("GpuMemory", lambda s: s.gpu_memory),
 )
@@ -228,6 +229,10 @@ class ModelInterface(ApiInterface):
     @dbus_property(access=PropertyAccess.READ)
     def LoadCount(self) -> UINT32:
         return self._status().load_count
+
+    @dbus_property(access=PropertyAccess.READ)
+    def RetryAfter(self) -> UINT64:
+        return self._status().retry_after_us
 
     @method()
     @authorized(Rule.LOAD)

@@ -34,6 +34,7 @@ MODEL_KEYS: dict[str, str] = {
     "ConcurrencyGroups": "concurrency_groups",
     "LastError": "last_error",
     "LoadCount": "load_count",
+    "RetryAfter": "retry_after_usec",
 }
 
 MANAGER_KEYS: dict[str, str] = {

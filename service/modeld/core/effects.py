@@ -30,12 +30,13 @@ class SchedulerEffects(Protocol):
         ...
 
     def start_load(
-        self, name: str, gpu: str, after: Awaitable[object] | None
+        self, name: str, gpu: str, after: Awaitable[object] | None, force: bool
     ) -> Awaitable[Awaitable[None]]:
         """Ask ``name``'s owner to load it on ``gpu`` ("" for none) once ``after`` is done.
 
         Resolves when the owner has accepted (the model is loading, or already loaded and
-        joined), with an awaitable of the load's completion.
+        joined), with an awaitable of the load's completion; raises InCooldown when its last
+        load failed and its cooldown runs, unless ``force``.
         """
         ...
 

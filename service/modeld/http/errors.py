@@ -14,6 +14,7 @@ from aiohttp import web
 
 from modeld.errors import (
     Busy,
+    InCooldown,
     InsufficientResources,
     LoadFailed,
     ModeldError,
@@ -126,6 +127,8 @@ def from_modeld_error(err: ModeldError) -> ApiError:
         return ApiError(
             503, err.message, code="insufficient_resources", retry_after=RETRY_AFTER_NO_ROOM
         )
+    if isinstance(err, InCooldown):
+        return ApiError(503, err.message, code="load_failed", retry_after=err.retry_after)
     if isinstance(err, LoadFailed | SystemdError):
         return ApiError(503, err.message, code="load_failed", retry_after=RETRY_AFTER_FAILED)
     if isinstance(err, NoSuchBackend):

@@ -35,6 +35,7 @@ from modeld.errors import LoadFailed, ModeldError
 from modeld.naming import backend_socket, scope_name
 from modeld.rpc.client import BackendClient
 from modeld.supervisor.backend_run import BackendRun, OwnerContext
+from modeld.supervisor.cooldown import cooldown_refusal, cooldown_seconds
 from modeld.supervisor.mailbox import serve
 from modeld.supervisor.records import BackendRecord
 from modeld.supervisor.spawn import AdoptedProcess, ExitStatus
@@ -70,6 +71,7 @@ HEALTHY_RUN = 60.0
 class _Load:
     after: Awaitable[object] | None
     gpu: str
+    force: bool
     accepted: asyncio.Future[asyncio.Future[None]]
 
 
@@ -217,6 +219,7 @@ class ModelOwner:
         self._ready_at = 0.0
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._failures_in_a_row = 0
+        self._load_failures = 0
         self._task = asyncio.create_task(
             serve(self._inbox, self._handle, self._release_callers, f"model {config.name}"),
             name=f"owner:{config.name}",
@@ -229,17 +232,18 @@ class ModelOwner:
     # ----------------------------------------------------------------- thin clients
 
     def request_load(
-        self, after: Awaitable[object] | None = None, gpu: str = ""
+        self, after: Awaitable[object] | None = None, gpu: str = "", *, force: bool = False
     ) -> asyncio.Future[asyncio.Future[None]]:
         """Ask for a load; resolves once accepted, with a future for its completion.
 
         A model that is loading or ready is not started again: the caller joins the load.
         ``after`` is awaited before a new backend starts (the GPU giving memory back);
         ``gpu`` is the device it gets (CUDA_VISIBLE_DEVICES), "" for none. Only the
-        scheduler asks, having made room first.
+        scheduler asks, having made room first. While the failure cooldown runs a new
+        backend is refused (InCooldown) unless ``force``.
         """
         accepted: asyncio.Future[asyncio.Future[None]] = asyncio.get_running_loop().create_future()
-        self._inbox.put_nowait(_Load(after, gpu, accepted))
+        self._inbox.put_nowait(_Load(after, gpu, force, accepted))
         return accepted
 
     def evict(self, reason: str, *, force: bool = False) -> asyncio.Future[None]:
@@ -389,6 +393,9 @@ class ModelOwner:
             case _Adopt():
                 message.done.set_result(await self._on_adopt(message.record))
             case _Reconfigure(config=config):
+                if config != self.config:
+                    self._load_failures = 0
+                    self._set(retry_after_us=0)
                 self.config = config
                 if not self.status.state.occupies_slot:
                     self._set(memory_max=config.memory_max)
@@ -420,6 +427,13 @@ class ModelOwner:
         elif state is ModelState.LOADING:
             self._load_waiters.append(done)
         else:
+            status = self.status
+            refusal = cooldown_refusal(
+                self.name, status.retry_after_us, status.last_error, _now_us()
+            )
+            if refusal is not None and not message.force:
+                message.accepted.set_exception(refusal)
+                return
             self._load_waiters.append(done)
             self._start_load(message.after, message.gpu)
         message.accepted.set_result(done)
@@ -480,7 +494,13 @@ class ModelOwner:
         if message.error is None:
             log.info("model %s: loaded in %s", self.name, backend.timings())
             state = ModelState.BUSY if self.status.in_flight else ModelState.READY
-            self._set_state(state, load_count=self.status.load_count + 1, last_used_us=_now_us())
+            self._load_failures = 0
+            self._set_state(
+                state,
+                load_count=self.status.load_count + 1,
+                last_used_us=_now_us(),
+                retry_after_us=0,
+            )
             self._ready_at = time.monotonic()
             self._save_record(backend)
             self._arm_timers()
@@ -611,7 +631,13 @@ class ModelOwner:
         last_error = summary + ("\n" + "\n".join(tail) if tail else "")
         log.warning("model %s: %s", self.name, summary)
         self._backend = None
-        self._set_state(ModelState.FAILED, last_error=last_error)
+        retry_after_us = self.status.retry_after_us
+        if was_loading:
+            self._load_failures += 1
+            wait = cooldown_seconds(self._load_failures)
+            retry_after_us = _now_us() + int(wait * 1_000_000)
+            log.info("model %s: the next load waits %gs (failure cooldown)", self.name, wait)
+        self._set_state(ModelState.FAILED, last_error=last_error, retry_after_us=retry_after_us)
         detail = f"; last output: {tail[-1]}" if tail else ""
         self._resolve_waiters(LoadFailed(f"{self.name}: {summary}{detail}"))
         self._observer.on_unloaded(self.name, reason)

@@ -59,9 +59,9 @@ class OwnerEffects:
         return self._owner(name).evict(reason, force=force)
 
     def start_load(
-        self, name: str, gpu: str, after: Awaitable[object] | None
+        self, name: str, gpu: str, after: Awaitable[object] | None, force: bool
     ) -> asyncio.Future[asyncio.Future[None]]:
-        return self._owner(name).request_load(after=after, gpu=gpu)
+        return self._owner(name).request_load(after=after, gpu=gpu, force=force)
 
     def report_gpu_memory(self, name: str, used: int) -> None:
         owner = self._owners.get(name)

@@ -46,6 +46,7 @@ from modeld.core.eviction import (
 from modeld.core.pressure import Hysteresis, stall_percent
 from modeld.core.states import ModelState
 from modeld.errors import Busy, InsufficientResources, LoadFailed, ModeldError, NoSuchModel
+from modeld.supervisor.cooldown import cooldown_refusal
 from modeld.supervisor.mailbox import serve
 from modeld.supervisor.measurements import GpuReading, Measurements
 from modeld.supervisor.status import ModelStatus, StatusChange
@@ -378,6 +379,14 @@ class Scheduler:
             self._fail(admission, NoSuchModel(f"model {admission.target!r} was removed"))
             return
         holds = target.status.state.occupies_slot or admission.target in self._starting
+        if not holds and not admission.force:
+            status = target.status
+            refusal = cooldown_refusal(
+                admission.target, status.retry_after_us, status.last_error, time.time_ns() // 1000
+            )
+            if refusal is not None:  # at once, before anything is evicted for it
+                self._fail(admission, refusal)
+                return
         if holds and admission.target not in self._going():
             self._launch(admission, target.status.gpu, None)  # joins: nothing to decide
             return
@@ -492,7 +501,9 @@ class Scheduler:
         self._finish(admission)
         name = admission.target
         self._starting[name] += 1
-        accepted = asyncio.ensure_future(self._effects.start_load(name, gpu, after))
+        accepted = asyncio.ensure_future(
+            self._effects.start_load(name, gpu, after, admission.force)
+        )
 
         def on_accepted(done: asyncio.Future[Awaitable[None]]) -> None:
             self._post(_Accepted(name))

@@ -32,6 +32,8 @@ class ModelStatus:
     load_count: int = 0
     gpu: str = ""
     gpu_memory: int = 0
+    retry_after_us: int = 0
+    """When a load may be tried again after a failure (µs since the epoch; 0: now)."""
 
 
 @dataclass(frozen=True, slots=True)
