@@ -174,7 +174,8 @@ def test_curl_shows_loading_comments_while_a_model_loads(modeld: Modeld) -> None
 def test_curl_sees_503_with_retry_after(modeld: Modeld) -> None:
     out = curl_post(modeld, "/v1/completions", {"model": "broken", "prompt": "x"}, "-i")
     status, headers, body = split_response(out)
-    assert status.startswith("HTTP/1.1 503") and headers["Retry-After"] == "10"
+    assert status.startswith("HTTP/1.1 503")
+    assert 1 <= int(headers["Retry-After"]) <= 10  # the failure cooldown's remaining wait
     error = body["error"]
     assert error["code"] == "load_failed" and "corrupt weights" in error["message"]
 
