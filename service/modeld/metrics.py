@@ -65,14 +65,6 @@ FIRST_TOKEN_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 
 _M = TypeVar("_M", Counter, Histogram)
 
 
-class _Queue(Protocol):
-    @property
-    def waiting(self) -> int: ...
-
-    @property
-    def running(self) -> int: ...
-
-
 class _Owner(Protocol):
     @property
     def name(self) -> str: ...
@@ -89,7 +81,7 @@ class MetricsSource(Protocol):
 
     def owners(self) -> Iterable[_Owner]: ...
 
-    def queue(self, name: str) -> _Queue: ...
+    def queue_figures(self, name: str) -> tuple[int, int]: ...
 
     def memory_current(self, name: str) -> int: ...
 
@@ -358,10 +350,10 @@ class _ScrapeCollector:
         }
         for owner in sorted(source.owners(), key=lambda o: o.name):
             name, status = owner.name, owner.status
-            queue = source.queue(name)
+            waiting, running = source.queue_figures(name)
             memory_max = math.inf if status.memory_max >= UINT64_MAX else status.memory_max
-            families["waiting"].add_metric([name], queue.waiting)
-            families["running"].add_metric([name], queue.running)
+            families["waiting"].add_metric([name], waiting)
+            families["running"].add_metric([name], running)
             families["in_flight"].add_metric([name], status.in_flight)
             families["memory"].add_metric([name], source.memory_current(name))
             families["memory_max"].add_metric([name], memory_max)

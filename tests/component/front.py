@@ -182,9 +182,7 @@ class Front:
 
     def queue(self, name: str) -> tuple[int, int]:
         """(waiting, running) of ``name``'s request queue."""
-        return self.sync(
-            lambda: (self.supervisor.queue(name).waiting, self.supervisor.queue(name).running)
-        )
+        return self.sync(lambda: self.supervisor.queue_figures(name))
 
     def close(self) -> None:
         async def stop() -> None:

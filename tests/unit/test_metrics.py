@@ -229,8 +229,9 @@ class FakeSupervisor:
     def owners(self) -> Iterable[FakeOwner]:
         return self.models.values()
 
-    def queue(self, name: str) -> FakeQueue:
-        return self.queues.setdefault(name, FakeQueue())
+    def queue_figures(self, name: str) -> tuple[int, int]:
+        queue = self.queues.get(name, FakeQueue())
+        return queue.waiting, queue.running
 
     def memory_current(self, name: str) -> int:
         return self.memory.get(name, 0)

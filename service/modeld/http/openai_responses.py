@@ -64,9 +64,19 @@ class ResponseFormat:
     def _choice(self, text: str | None, finish: str | None = None) -> str:
         raise NotImplementedError
 
+    def _whole_choice(self, text: str, finish: str) -> dict[str, Any]:
+        raise NotImplementedError
+
     def whole(self, text: str, finish: str, prompt_tokens: int, tokens: int) -> dict[str, Any]:
         """The non-streamed answer."""
-        raise NotImplementedError
+        return {
+            "id": self.id,
+            "object": self.whole_object,
+            "created": self.created,
+            "model": self.model,
+            "choices": [self._whole_choice(text, finish)],
+            "usage": usage(prompt_tokens, tokens),
+        }
 
     def opening(self) -> bytes | None:
         """The chunk sent before the first piece of text, if the format has one."""
@@ -96,15 +106,8 @@ class CompletionFormat(ResponseFormat):
     def _choice(self, text: str | None, finish: str | None = None) -> str:
         return _dumps({"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish})
 
-    def whole(self, text: str, finish: str, prompt_tokens: int, tokens: int) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "object": self.whole_object,
-            "created": self.created,
-            "model": self.model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
-            "usage": usage(prompt_tokens, tokens),
-        }
+    def _whole_choice(self, text: str, finish: str) -> dict[str, Any]:
+        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
 
 
 class ChatFormat(ResponseFormat):
@@ -123,21 +126,12 @@ class ChatFormat(ResponseFormat):
     def opening(self) -> bytes | None:
         return self._chunk(self._choice("", role=True), None).encode()
 
-    def whole(self, text: str, finish: str, prompt_tokens: int, tokens: int) -> dict[str, Any]:
+    def _whole_choice(self, text: str, finish: str) -> dict[str, Any]:
         return {
-            "id": self.id,
-            "object": self.whole_object,
-            "created": self.created,
-            "model": self.model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": text},
-                    "logprobs": None,
-                    "finish_reason": finish,
-                }
-            ],
-            "usage": usage(prompt_tokens, tokens),
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "logprobs": None,
+            "finish_reason": finish,
         }
 
 

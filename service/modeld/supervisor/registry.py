@@ -403,6 +403,11 @@ class Supervisor:
             self._queues[name] = queue
         return queue
 
+    def queue_figures(self, name: str) -> tuple[int, int]:
+        """(waiting, running) requests of ``name``'s queue; reading creates nothing."""
+        queue = self._queues.get(name)
+        return (queue.waiting, queue.running) if queue is not None else (0, 0)
+
     @contextlib.asynccontextmanager
     async def serving(self, name: str) -> AsyncIterator[Ticket]:
         """Serve one request of ``name``: the block holds its place until it ends.

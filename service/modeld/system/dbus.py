@@ -52,6 +52,24 @@ async def connect(bus_class: type[_Bus], bus_type: BusType = BusType.SYSTEM) -> 
     return bus
 
 
+def _method_call(
+    destination: str,
+    path: str,
+    interface: str,
+    member: str,
+    signature: str,
+    body: list[Any] | None,
+) -> Message:
+    return Message(
+        destination=destination,
+        path=path,
+        interface=interface,
+        member=member,
+        signature=signature,
+        body=body or [],
+    )
+
+
 async def call(
     bus: MessageBus,
     destination: str,
@@ -62,16 +80,7 @@ async def call(
     body: list[Any] | None = None,
 ) -> list[Any]:
     """Call a method and return the reply body; raise DBusError on an error reply."""
-    reply = await bus.call(
-        Message(
-            destination=destination,
-            path=path,
-            interface=interface,
-            member=member,
-            signature=signature,
-            body=body or [],
-        )
-    )
+    reply = await bus.call(_method_call(destination, path, interface, member, signature, body))
     assert reply is not None
     if reply.message_type is MessageType.ERROR:
         text = reply.body[0] if reply.body else reply.error_name
@@ -89,14 +98,6 @@ async def call_no_reply(
     body: list[Any] | None = None,
 ) -> None:
     """Call a method without asking for a reply (nor an error): for best-effort calls."""
-    await bus.send(
-        Message(
-            destination=destination,
-            path=path,
-            interface=interface,
-            member=member,
-            signature=signature,
-            body=body or [],
-            flags=MessageFlag.NO_REPLY_EXPECTED,
-        )
-    )
+    message = _method_call(destination, path, interface, member, signature, body)
+    message.flags = MessageFlag.NO_REPLY_EXPECTED
+    await bus.send(message)
