@@ -3,7 +3,8 @@
 Each backends directory holds one subdirectory per backend::
 
     <dir>/<name>/run.sh           the executable that starts the gRPC backend
-    <dir>/<name>/metadata.json    optional: {"alias": "...", "meta_backend_for": "..."}
+    <dir>/<name>/metadata.json    optional: {"alias": "...", "meta_backend_for": "...",
+                                  "requires_python_modules": [...], "install_hint": "..."}
 
 A *concrete* backend has a ``run.sh``.  Its ``alias`` (if any) is another
 name it answers to.  A *meta* backend is a directory whose metadata names, in
@@ -11,6 +12,11 @@ name it answers to.  A *meta* backend is a directory whose metadata names, in
 that it stands for; it usually has no ``run.sh`` of its own and runs the
 concrete backend's.  This is how LocalAI installs e.g. ``llama-cpp`` as a
 meta backend for ``cuda12-llama-cpp``.
+
+A backend whose ``requires_python_modules`` cannot be found by the Python running
+modeld (which is the ``MODELD_PYTHON`` backends run with) is still listed, marked
+*unavailable* with the reason and its ``install_hint``, so a load of it fails at once
+saying how to install what it needs instead of starting a process that cannot work.
 
 Directories are searched in order and the first one that provides a name
 wins.  Broken entries are skipped and described in
@@ -20,6 +26,7 @@ later directory.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import stat
@@ -59,6 +66,8 @@ class Backend:
     alias: str | None
     meta_backend_for: str | None
     origin: Path
+    unavailable: str | None = None
+    """Why it cannot run here (a required Python module is missing), or None."""
 
 
 class BackendIndex:
@@ -104,12 +113,27 @@ def _regular_file(path: Path) -> bool:
         return False
 
 
-def _read_metadata(directory: Path) -> tuple[str | None, str | None]:
+@dataclass(frozen=True, slots=True)
+class _Metadata:
+    alias: str | None = None
+    meta_backend_for: str | None = None
+    requires_python_modules: tuple[str, ...] = ()
+    install_hint: str | None = None
+
+
+def _optional_string(data: dict[str, object], key: str) -> str | None:
+    value = data.get(key)
+    if value is not None and not isinstance(value, str):
+        raise _Skip(f"{METADATA_FILE}: {key}: expected a string")
+    return value or None
+
+
+def _read_metadata(directory: Path) -> _Metadata:
     path = directory / METADATA_FILE
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        return None, None
+        return _Metadata()
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise _Skip(f"{METADATA_FILE}: cannot read: {reason}") from exc
@@ -119,31 +143,55 @@ def _read_metadata(directory: Path) -> tuple[str | None, str | None]:
         raise _Skip(f"{METADATA_FILE}: invalid JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise _Skip(f"{METADATA_FILE}: expected a JSON object")
-    values: list[str | None] = []
-    for key in ("alias", "meta_backend_for"):
-        value = data.get(key)
-        if value is not None and not isinstance(value, str):
-            raise _Skip(f"{METADATA_FILE}: {key}: expected a string")
-        values.append(value or None)
-    return values[0], values[1]
+    modules = data.get("requires_python_modules", [])
+    if not isinstance(modules, list) or not all(isinstance(m, str) and m for m in modules):
+        raise _Skip(f"{METADATA_FILE}: requires_python_modules: expected a list of module names")
+    return _Metadata(
+        alias=_optional_string(data, "alias"),
+        meta_backend_for=_optional_string(data, "meta_backend_for"),
+        requires_python_modules=tuple(modules),
+        install_hint=_optional_string(data, "install_hint"),
+    )
+
+
+def _module_missing(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is None
+    except (ImportError, ValueError):
+        return True
+
+
+def _unavailable(metadata: _Metadata) -> str | None:
+    missing = [m for m in metadata.requires_python_modules if _module_missing(m)]
+    if not missing:
+        return None
+    reason = f"needs the Python module{'s' if len(missing) > 1 else ''} {', '.join(missing)}"
+    return f"{reason}: {metadata.install_hint}" if metadata.install_hint else reason
 
 
 def _load_entry(origin: Path, name: str) -> Backend:
     directory = origin / name
-    alias, meta_for = _read_metadata(directory)
+    metadata = _read_metadata(directory)
+    alias, meta_for = metadata.alias, metadata.meta_backend_for
     if meta_for is not None:
         if meta_for in (".", "..") or "/" in meta_for:
             raise _Skip(f"{METADATA_FILE}: meta_backend_for: not a backend name: {meta_for!r}")
         target = origin / meta_for
         if not _regular_file(target / RUN_FILE):
             raise _Skip(f"meta backend for {meta_for!r}, which has no {RUN_FILE} in {origin}")
-        return Backend(name, target / RUN_FILE, target, alias, meta_for, origin)
+        try:
+            target_metadata = _read_metadata(target)
+        except _Skip as skip:
+            raise _Skip(f"meta backend for {meta_for!r}: {skip}") from None
+        return Backend(
+            name, target / RUN_FILE, target, alias, meta_for, origin, _unavailable(target_metadata)
+        )
     run = directory / RUN_FILE
     if not os.path.lexists(run):
         raise _Skip(f"no {RUN_FILE}")
     if not _regular_file(run):
         raise _Skip(f"{RUN_FILE} is not a regular file")
-    return Backend(name, run, directory, alias, None, origin)
+    return Backend(name, run, directory, alias, None, origin, _unavailable(metadata))
 
 
 def _scan(origin: Path, problems: list[str]) -> list[Backend]:

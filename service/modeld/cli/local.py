@@ -13,7 +13,7 @@ from modeld.cli.errors import FAILED, INVALID_CONFIG, NO_SUCH_BACKEND, CliError
 
 if TYPE_CHECKING:
     from modeld.config import Config
-    from modeld.discovery import BackendIndex
+    from modeld.discovery import Backend, BackendIndex
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
@@ -62,6 +62,19 @@ def _unresolved(config: Config, index: BackendIndex, dirs: tuple[Path, ...]) -> 
     ]
 
 
+def _unavailable(backends: list[Backend]) -> list[str]:
+    return [f"backend {b.name} is unavailable: {b.unavailable}" for b in backends if b.unavailable]
+
+
+def _unavailable_in_use(config: Config, index: BackendIndex) -> list[str]:
+    lines = []
+    for model in config.models.values():
+        found = index.resolve(model.backend)
+        if found is not None and found.unavailable:
+            lines.append(f"{model.source}: backend {model.backend} cannot run: {found.unavailable}")
+    return lines
+
+
 def _warn(lines: list[str]) -> None:
     for line in lines:
         print(f"modeldctl: warning: {line}", file=sys.stderr)
@@ -88,6 +101,8 @@ def cmd_backends(args: argparse.Namespace) -> int:
                     "run": str(b.run),
                     "directory": str(b.directory),
                     "origin": str(b.origin),
+                    "available": b.unavailable is None,
+                    "unavailable": b.unavailable,
                     "models": users[i],
                 }
                 for i, b in enumerate(backends)
@@ -96,7 +111,7 @@ def cmd_backends(args: argparse.Namespace) -> int:
         }
         render.dump_json(out)
         return 0
-    _warn([*index.problems, *unresolved])
+    _warn([*index.problems, *unresolved, *_unavailable(backends)])
     if not backends:
         print("No backends found in " + ", ".join(str(d) for d in dirs))
         return 0
@@ -105,12 +120,13 @@ def cmd_backends(args: argparse.Namespace) -> int:
             b.name,
             b.alias or "-",
             b.meta_backend_for or "-",
+            "yes" if b.unavailable is None else "no",
             str(b.directory),
             ", ".join(users[i]) or "-",
         ]
         for i, b in enumerate(backends)
     ]
-    print(render.table(["NAME", "ALIAS", "META FOR", "PATH", "MODELS"], rows))
+    print(render.table(["NAME", "ALIAS", "META FOR", "AVAILABLE", "PATH", "MODELS"], rows))
     return 0
 
 
@@ -129,10 +145,10 @@ def cmd_config_check(args: argparse.Namespace) -> int:
                 "ok": True,
                 "source": str(config.source) if config.source else None,
                 "models": list(config.models),
-                "warnings": index.problems,
+                "warnings": [*index.problems, *_unavailable_in_use(config, index)],
             }
         )
         return 0
-    _warn(index.problems)
+    _warn([*index.problems, *_unavailable_in_use(config, index)])
     print(f"configuration OK: {count} model{'' if count == 1 else 's'}")
     return 0

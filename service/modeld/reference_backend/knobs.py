@@ -47,13 +47,6 @@ class Knobs:
     """SIGTERM is logged and ignored."""
 
 
-class ProcessControl:
-    """Process-wide switches that outlive one RPC (set by LoadModel, read by signal handlers)."""
-
-    def __init__(self) -> None:
-        self.ignore_sigterm = False
-
-
 def _seconds(key: str, raw: str) -> float:
     try:
         value = float(raw)

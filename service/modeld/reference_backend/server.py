@@ -1,114 +1,22 @@
-"""Process entry point of the reference backend: arguments, signals, the gRPC server.
-
-``main(["--addr", "unix:/run/x.sock"])`` serves until SIGTERM or SIGINT, then exits 0
-(SIGTERM is only logged while the ``ignore_sigterm`` knob is on). Exit status 2 means
-the arguments or the address were unusable.
-"""
+"""Process entry point of the reference backend (see :mod:`modeld.backend_kit.server`)."""
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import os
-import signal
-import sys
-
-from modeld.reference_backend.log import log
-
-DEFAULT_WORKERS = 32
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-"""Largest request accepted (gRPC's default, 4 MiB, is below modeld's HTTP body limit)."""
-STOP_GRACE_SECONDS = 0.5
+from modeld.backend_kit.server import ProcessControl, serve
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """Parse the command line (``--addr`` as LocalAI passes it to backends)."""
-    parser = argparse.ArgumentParser(
-        prog="python -m modeld.reference_backend",
-        description="modeld's reference backend: an n-gram model served over gRPC.",
-    )
-    parser.add_argument(
-        "--addr",
-        required=True,
-        help="where to listen: unix:/absolute/path.sock or HOST:PORT",
-    )
-    parser.add_argument(
-        "--workers",
-        type=int,
-        default=DEFAULT_WORKERS,
-        help=f"RPCs served at once (default {DEFAULT_WORKERS})",
-    )
-    args = parser.parse_args(argv)
-    if args.workers < 1:
-        parser.error("--workers must be at least 1")
-    return args
+def _servicer(control: ProcessControl) -> object:
+    from modeld.reference_backend.servicer import ReferenceBackend
 
-
-def _unix_path(addr: str) -> str | None:
-    if addr.startswith("unix://"):
-        return addr[len("unix://") :]
-    if addr.startswith("unix:"):
-        return addr[len("unix:") :]
-    return None
+    return ReferenceBackend(control)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the backend; returns the exit status (SIGTERM/SIGINT exit via ``os._exit(0)``).
-
-    SIGTERM and SIGINT are blocked in every thread and taken synchronously by the main
-    thread with sigwait: a Python signal handler would only run once the main thread
-    wakes up, and a signal delivered to one of gRPC's threads does not wake it.
-    """
-    signals = {signal.SIGTERM, signal.SIGINT}
-    for sig in signals:  # an inherited SIG_IGN would make sigwait miss them
-        signal.signal(sig, signal.SIG_DFL)
-    # Before any thread exists, so that every thread inherits the mask.
-    signal.pthread_sigmask(signal.SIG_BLOCK, signals)
-
-    args = parse_args(argv)
-
-    from concurrent.futures import ThreadPoolExecutor
-
-    import grpc
-
-    from modeld.reference_backend.knobs import ProcessControl
-    from modeld.reference_backend.servicer import ReferenceBackend
-    from modeld.rpc import backend_pb2_grpc
-
-    control = ProcessControl()
-    server = grpc.server(
-        ThreadPoolExecutor(max_workers=args.workers, thread_name_prefix="rpc"),
-        # Fail on a TCP port that is already taken instead of sharing it.
-        options=[
-            ("grpc.so_reuseport", 0),
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        ],
+    """Serve the reference backend on ``--addr`` until SIGTERM (see ``serve``)."""
+    return serve(
+        argv,
+        name="reference-backend",
+        prog="python -m modeld.reference_backend",
+        description="modeld's reference backend: an n-gram model served over gRPC.",
+        make_servicer=_servicer,
     )
-    backend_pb2_grpc.add_BackendServicer_to_server(ReferenceBackend(control), server)
-    try:
-        port = server.add_insecure_port(args.addr)
-    except RuntimeError as e:  # newer grpcio raises, older ones return 0
-        log(f"cannot listen on {args.addr}: {e}")
-        return 2
-    if port == 0:
-        log(f"cannot listen on {args.addr}")
-        return 2
-    server.start()
-    log(f"listening on {args.addr}")
-
-    while True:
-        signum = signal.sigwait(signals)
-        if signum == signal.SIGTERM and control.ignore_sigterm:
-            log("ignoring SIGTERM as asked (ignore_sigterm)")
-            continue
-        log(f"{signal.Signals(signum).name} received, exiting")
-        break
-    server.stop(STOP_GRACE_SECONDS).wait(STOP_GRACE_SECONDS + 1)
-    path = _unix_path(args.addr)
-    if path:
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-    log("stopped")
-    sys.stderr.flush()
-    # Exit without joining worker threads: an RPC hung on purpose must not keep us alive.
-    os._exit(0)

@@ -7,64 +7,29 @@ and turned into gRPC statuses; anything unexpected is logged and becomes INTERNA
 
 from __future__ import annotations
 
-import functools
 import os
 import threading
 import time
-import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn
 
 import grpc
 
-from modeld.reference_backend.knobs import KnobError, Knobs, ProcessControl, parse_knobs
-from modeld.reference_backend.log import log
-from modeld.reference_backend.memory import (
-    MIB,
-    allocate_touched,
-    release_memory,
-    rss_bytes,
-)
+from modeld.backend_kit.log import log
+from modeld.backend_kit.memory import MIB, release_memory, rss_bytes
+from modeld.backend_kit.options import model_path
+from modeld.backend_kit.rpc import RpcAbort, streaming, unary
+from modeld.backend_kit.server import ProcessControl
+from modeld.reference_backend.knobs import KnobError, Knobs, parse_knobs
+from modeld.reference_backend.memory import allocate_touched
 from modeld.reference_backend.ngram import NgramModel, SamplingParams, embed, tokenize
 from modeld.rpc import backend_pb2 as pb
 
 DEFAULT_TOKENS = 32
 CRASH_AFTER_EXIT_CODE = 3
-
-_R = TypeVar("_R")
-
-
-class RpcAbort(Exception):
-    """Ends the current RPC with a gRPC status code and message."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-def _abort(context: Any, code: Any, message: str) -> NoReturn:
-    context.abort(code, message)
-    raise AssertionError("context.abort returned")  # pragma: no cover
-
-
-def unary(method: Callable[[Any, Any, Any], _R]) -> Callable[[Any, Any, Any], _R]:
-    """Wrap a unary RPC method: RpcAbort → its status, other errors → logged + INTERNAL."""
-
-    @functools.wraps(method)
-    def wrapper(self: Any, request: Any, context: Any) -> _R:
-        try:
-            return method(self, request, context)
-        except RpcAbort as e:
-            _abort(context, e.code, e.message)
-        except Exception as e:
-            log(f"error in {method.__name__}: {e!r}\n{traceback.format_exc().rstrip()}")
-            _abort(context, grpc.StatusCode.INTERNAL, f"{method.__name__} failed: {e!r}")
-
-    return wrapper
 
 
 @dataclass
@@ -86,14 +51,6 @@ def _forever(reason: str) -> NoReturn:
 def _die(message: str, code: int) -> NoReturn:
     log(message)
     os._exit(code)
-
-
-def model_path(request: Any) -> str:
-    """The model file of a ModelOptions: ModelFile, else Model; relative to ModelPath."""
-    path: str = request.ModelFile or request.Model
-    if path and request.ModelPath and not os.path.isabs(path):
-        path = os.path.join(request.ModelPath, path)
-    return path
 
 
 def _read_model_text(path: str) -> str:
@@ -277,33 +234,28 @@ class ReferenceBackend:
             timing_token_generation=(done - prompt_done) * 1000.0,
         )
 
+    @streaming
     def PredictStream(self, request: Any, context: Any) -> Iterator[Any]:
         """Generate a continuation of the prompt, one Reply per token.
 
         With stop strings, text that may begin a stop string is held back, so a Reply can
         then carry several tokens (``Reply.tokens``) and no part of a stop string is sent.
         """
-        try:
-            self._enter()
-            loaded = self._require_model()
-            prompt, new_turn = self._prompt(request)
-            n_prompt = len(tokenize(prompt))
-            with self._busy_scope(loaded):
-                sampling = self._sampling(request)
-                for chunk in loaded.model.generate(prompt, sampling, new_turn=new_turn):
-                    self._enter()
-                    if not context.is_active():
-                        return
-                    yield pb.Reply(
-                        message=chunk.text.encode("utf-8"),
-                        tokens=chunk.tokens,
-                        prompt_tokens=n_prompt,
-                    )
-        except RpcAbort as e:
-            _abort(context, e.code, e.message)
-        except Exception as e:
-            log(f"error in PredictStream: {e!r}\n{traceback.format_exc().rstrip()}")
-            _abort(context, grpc.StatusCode.INTERNAL, f"PredictStream failed: {e!r}")
+        self._enter()
+        loaded = self._require_model()
+        prompt, new_turn = self._prompt(request)
+        n_prompt = len(tokenize(prompt))
+        with self._busy_scope(loaded):
+            sampling = self._sampling(request)
+            for chunk in loaded.model.generate(prompt, sampling, new_turn=new_turn):
+                self._enter()
+                if not context.is_active():
+                    return
+                yield pb.Reply(
+                    message=chunk.text.encode("utf-8"),
+                    tokens=chunk.tokens,
+                    prompt_tokens=n_prompt,
+                )
 
     @unary
     def Embedding(self, request: Any, context: Any) -> Any:

@@ -23,8 +23,12 @@ _CHANNEL_OPTIONS = [
 
 
 def build_model_options(model_path: str, options: Mapping[str, object]) -> backend_pb2.ModelOptions:
-    """ModelOptions from a model's ``model`` path and its ``[options]`` table."""
-    message = backend_pb2.ModelOptions(Model=model_path, ModelFile=model_path)
+    """ModelOptions from a model's ``model`` path and its ``[options]`` table.
+
+    ``MMap`` is on unless the table says otherwise (llama.cpp's and LocalAI's default;
+    proto3 cannot tell an unset bool from false).
+    """
+    message = backend_pb2.ModelOptions(Model=model_path, ModelFile=model_path, MMap=True)
     fields = message.DESCRIPTOR.fields_by_name
     for key, value in options.items():
         field = fields.get(key)

@@ -363,10 +363,15 @@ class Supervisor:
         daemon = self.config.daemon
         owner = self.owner(name)
         backend = owner.config.backend
-        if self.backends.resolve(backend) is None:
+        found = self.backends.resolve(backend)
+        if found is None:
             raise NoSuchBackend(
                 f"model {name} uses backend {backend!r}, which is not installed in"
                 f" {', '.join(str(d) for d in effective_backend_dirs(daemon.backends_dirs))}"
+            )
+        if found.unavailable is not None:
+            raise NoSuchBackend(
+                f"model {name} uses backend {backend!r}, which cannot run here: {found.unavailable}"
             )
         return asyncio.ensure_future(await self._scheduler.load(name, force=force))
 
