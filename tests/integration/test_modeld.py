@@ -45,11 +45,7 @@ def modeld(sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 def assert_nothing_left(modeld: Modeld, name: str) -> None:
     """No scope, no backend process and no socket remain for ``name``."""
-    from modeld.naming import socket_stem, unit_escape
-
-    assert not [u for u in modeld.scopes() if unit_escape(name) in u]
-    assert not [p for p in modeld.backend_processes() if f"/{socket_stem(name)}.sock" in p]
-    assert f"{socket_stem(name)}.sock" not in modeld.backend_sockets()
+    assert modeld.leftovers(name) == []
 
 
 def test_socket_activation_started_modeld_as_notify_service(modeld: Modeld) -> None:

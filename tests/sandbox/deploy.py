@@ -24,6 +24,9 @@ UNITS = ("modeld.slice", "modeld.socket", "modeld.service")
 DEMO_TEXT = REPO / "service" / "modeld" / "data" / "demo.txt"
 
 
+BACKEND_MODULES = ("modeld.reference_backend", "modeld.llama_backend")
+
+
 def reference_model(
     *, memory_max: str = "256M", options: tuple[str, ...] = (), extra: str = ""
 ) -> str:
@@ -32,6 +35,14 @@ def reference_model(
     text += extra
     if options:
         text += "[options]\nOptions = [" + ", ".join(json.dumps(o) for o in options) + "]\n"
+    return text
+
+
+def llama_model(path: Path, *, memory_max: str = "512M", **options: object) -> str:
+    """The TOML of a model served by the llama-cpp backend on the GGUF file ``path``."""
+    text = f'backend = "llama-cpp"\nmodel = "{path}"\nmemory_max = "{memory_max}"\n'
+    if options:
+        text += "[options]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in options.items())
     return text
 
 
@@ -237,9 +248,20 @@ class Modeld:
         return [int(entry[1]) for entry in json.loads(proc.stdout)["data"][0]]
 
     def backend_processes(self) -> list[str]:
-        """Command lines of reference backends running anywhere in the sandbox."""
+        """Command lines of modeld's own backends running anywhere in the sandbox."""
         out = self.sandbox.exec("ps", "-eo", "args", check=False).stdout
-        return [line for line in out.splitlines() if "modeld.reference_backend" in line]
+        return [line for line in out.splitlines() if any(m in line for m in BACKEND_MODULES)]
+
+    def leftovers(self, name: str) -> list[str]:
+        """Scopes, backend processes and sockets of ``name`` still there (should be none)."""
+        from modeld.naming import socket_stem, unit_escape
+
+        sock = f"{socket_stem(name)}.sock"
+        return [
+            *(u for u in self.scopes() if unit_escape(name) in u),
+            *(p for p in self.backend_processes() if f"/{sock}" in p),
+            *(s for s in self.backend_sockets() if s == sock),
+        ]
 
     def backend_sockets(self) -> list[str]:
         directory = self.sandbox.run_dir / "modeld" / "backends"
