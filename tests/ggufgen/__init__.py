@@ -87,7 +87,11 @@ _BIAS_LOGIT = -256.0
 
 @dataclass(frozen=True)
 class Preset:
-    """Shape of a generated model."""
+    """Shape of a generated model.
+
+    ``n_merges`` is an upper bound: the built-in corpus yields about 100 merges (pairs seen at
+    least twice), so the vocabulary has 256 + merges + 3 control tokens.
+    """
 
     name: str
     n_embd: int
