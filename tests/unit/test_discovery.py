@@ -335,3 +335,50 @@ def test_builtin_reference_backend_is_discovered() -> None:
     backend = index.resolve("reference")
     assert backend is not None
     assert backend.origin == BUILTIN_BACKENDS_DIR
+
+
+def test_a_backend_whose_python_module_is_missing_is_listed_unavailable(tmp_path: Path) -> None:
+    make_backend(
+        tmp_path,
+        "engine",
+        metadata={
+            "requires_python_modules": ["json", "modeld_no_such_module_xyz"],
+            "install_hint": "pip install the-engine",
+        },
+    )
+    make_backend(tmp_path, "plain", metadata={"requires_python_modules": ["json"]})
+    index = discover_backends([tmp_path])
+    engine = index.resolve("engine")
+    assert engine is not None
+    assert engine.unavailable == (
+        "needs the Python module modeld_no_such_module_xyz: pip install the-engine"
+    )
+    plain = index.resolve("plain")
+    assert plain is not None and plain.unavailable is None
+    assert index.problems == []
+
+
+def test_a_meta_backend_inherits_its_targets_requirements(tmp_path: Path) -> None:
+    make_backend(tmp_path, "cpu-engine", metadata={"requires_python_modules": ["no.such.mod"]})
+    make_backend(tmp_path, "engine", run=False, metadata={"meta_backend_for": "cpu-engine"})
+    meta = discover_backends([tmp_path]).resolve("engine")
+    assert meta is not None and meta.unavailable == "needs the Python module no.such.mod"
+
+
+@pytest.mark.parametrize("modules", ["llama_cpp", [""], [3], {"a": 1}])
+def test_malformed_requirements_skip_the_backend(tmp_path: Path, modules: object) -> None:
+    make_backend(tmp_path, "engine", metadata={"requires_python_modules": modules})
+    index = discover_backends([tmp_path])
+    assert index.resolve("engine") is None
+    assert "requires_python_modules: expected a list of module names" in index.problems[0]
+
+
+def test_the_shipped_llama_cpp_backend_needs_llama_cpp_python() -> None:
+    import importlib.util
+
+    backend = discover_backends(effective_backend_dirs([])).resolve("llama-cpp")
+    assert backend is not None and backend.origin == BUILTIN_BACKENDS_DIR
+    installed = importlib.util.find_spec("llama_cpp") is not None
+    assert (backend.unavailable is None) == installed
+    if not installed:
+        assert "pip install 'modeld[llama-cpp]'" in (backend.unavailable or "")
