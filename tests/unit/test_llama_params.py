@@ -102,7 +102,7 @@ def test_a_chat_is_messages_with_the_tokenizer_template() -> None:
     ]
     assert chat_messages(pb.PredictOptions(Messages=messages)) is None
     rendered = pb.PredictOptions(
-        Prompt="<|im_start|>", Messages=messages, UseTokenizerTemplate=True
+        Prompt="<x>", Messages=messages, UseTokenizerTemplate=True
     )
     assert chat_messages(rendered) is None
     assert plain_prompt(pb.PredictOptions(Messages=messages)) == "Be brief.\nHi"
