@@ -71,9 +71,18 @@ def test_unusable_model_files_are_named(tmp_path: Path, make: object, message: s
 
 def test_sampling_maps_openai_parameters() -> None:
     request = pb.PredictOptions(
-        Tokens=12, Temperature=0.7, TopP=0.9, TopK=40, StopPrompts=["\n\n"], Seed=3
+        Tokens=12,
+        Temperature=0.7,
+        TopP=0.9,
+        TopK=40,
+        StopPrompts=["\n\n"],
+        Seed=3,
+        PresencePenalty=0.5,
+        FrequencyPenalty=-0.5,
     )
     kwargs = sampling_kwargs(request)
+    assert kwargs.pop("presence_penalty") == pytest.approx(0.5)
+    assert kwargs.pop("frequency_penalty") == pytest.approx(-0.5)
     assert kwargs.pop("temperature") == pytest.approx(0.7)
     assert kwargs.pop("top_p") == pytest.approx(0.9)
     assert kwargs == {"max_tokens": 12, "top_k": 40, "stop": ["\n\n"], "seed": 3}
@@ -101,9 +110,7 @@ def test_a_chat_is_messages_with_the_tokenizer_template() -> None:
         {"role": "user", "content": "Hi"},
     ]
     assert chat_messages(pb.PredictOptions(Messages=messages)) is None
-    rendered = pb.PredictOptions(
-        Prompt="<x>", Messages=messages, UseTokenizerTemplate=True
-    )
+    rendered = pb.PredictOptions(Prompt="<x>", Messages=messages, UseTokenizerTemplate=True)
     assert chat_messages(rendered) is None
     assert plain_prompt(pb.PredictOptions(Messages=messages)) == "Be brief.\nHi"
     assert plain_prompt(rendered) == "<x>"

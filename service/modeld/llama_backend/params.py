@@ -88,6 +88,10 @@ def sampling_kwargs(request: Any) -> dict[str, Any]:
         kwargs["stop"] = list(request.StopPrompts)
     if request.Seed > 0:
         kwargs["seed"] = int(request.Seed)
+    if request.PresencePenalty:
+        kwargs["presence_penalty"] = float(request.PresencePenalty)
+    if request.FrequencyPenalty:
+        kwargs["frequency_penalty"] = float(request.FrequencyPenalty)
     return kwargs
 
 
