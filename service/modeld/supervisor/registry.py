@@ -423,7 +423,7 @@ class Supervisor:
         except ModeldError as err:
             log.warning("preload of %s refused: %s", name, err, extra={"model": name})
             owner = self._owners.get(name)
-            if owner is not None and not isinstance(err, InCooldown):  # that one is shown
+            if owner is not None and not isinstance(err, InCooldown):  # LastError has its cause
                 owner.report_refused_load(f"preload refused: {err}")
             return
         try:
