@@ -145,6 +145,7 @@ _MODEL_KEYS: Final = (
     "gpu_memory",
     "concurrency_groups",
     "pinned",
+    "preload",
     "idle_timeout",
     "busy_timeout",
     "parallel",
@@ -238,6 +239,7 @@ class ModelConfig:
         gpu_memory = "0"
         concurrency_groups = ["big"]
         pinned = false
+        preload = false             # load when modeld starts (and when a reload adds it)
         idle_timeout = "10m"        # default: the daemon's
         busy_timeout = "5m"         # default: the daemon's
         parallel = 1
@@ -269,6 +271,7 @@ class ModelConfig:
     gpu_memory: int
     concurrency_groups: tuple[str, ...]
     pinned: bool
+    preload: bool
     idle_timeout: float
     busy_timeout: float
     parallel: int
@@ -641,6 +644,7 @@ def _parse_model(
         gpu_memory=gpu_memory,
         concurrency_groups=tuple(groups),
         pinned=t.boolean("pinned", False),
+        preload=t.boolean("preload", False),
         idle_timeout=t.duration("idle_timeout", daemon.idle_timeout),
         busy_timeout=t.duration("busy_timeout", daemon.busy_timeout),
         parallel=t.integer("parallel", 1, 1),

@@ -1,8 +1,9 @@
 """The modeld daemon: composition root and lifecycle (start, serve, reload, stop).
 
 Readiness is reported only once everything a client may touch works: the bus name is owned,
-every model object is exported and the HTTP socket is served. Signal handlers only set
-events; the main task does the work.
+every model object is exported and the HTTP socket is served. Preloads (``preload = true``)
+start after that, in the background: a slow or failing one never delays READY. Signal
+handlers only set events; the main task does the work.
 """
 
 from __future__ import annotations
@@ -176,6 +177,7 @@ class Daemon:
             (time.monotonic() - started) * 1000,
             len(self._config.models),
         )
+        supervisor.preload()  # after re-adoption and READY: loads run in the background
         await self._stop.wait()
 
         restarting = await systemd.own_job_type() in RESTART_JOBS
@@ -219,7 +221,7 @@ class Daemon:
             assert self._supervisor is not None and self._service is not None
             max_loaded = self._supervisor.max_loaded
             added, removed = await self._supervisor.reload(config)
-            self._config = config
+            previous, self._config = self._config, config
             self._service.sync_models()
             self._metrics.sync_models(config.models)
             self._metrics.memory_budget = config.daemon.memory_budget
@@ -233,6 +235,7 @@ class Daemon:
                 len(added),
                 len(removed),
             )
+            self._supervisor.preload(previous)
             self._notifier.ready(self._supervisor.status_line())
 
     # ----------------------------------------------------- OwnerObserver (fan-out)

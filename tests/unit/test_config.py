@@ -365,6 +365,7 @@ def test_minimal_model(setup: Setup) -> None:
     assert m.gpu_memory == 0
     assert m.concurrency_groups == ()
     assert m.pinned is False
+    assert m.preload is False
     assert m.idle_timeout == 0.0
     assert m.busy_timeout == 0.0
     assert m.parallel == 1
@@ -388,6 +389,7 @@ memory_high = "400M"
 gpu_memory = "2G"
 concurrency_groups = ["big", "gpu"]
 pinned = true
+preload = true
 idle_timeout = "10m"
 busy_timeout = "5m"
 parallel = 4
@@ -413,6 +415,7 @@ LoraScales = [0.5, 1]
     assert m.gpu_memory == 2 * GiB
     assert m.concurrency_groups == ("big", "gpu")
     assert m.pinned is True
+    assert m.preload is True
     assert m.idle_timeout == 600.0
     assert m.busy_timeout == 300.0
     assert m.parallel == 4
@@ -664,6 +667,11 @@ def test_model_name_problem(name: str, problem: str | None) -> None:
             "expected a non-empty string (got integer 1)",
         ),
         ('backend = "b"\npinned = 1', "pinned", "expected true or false (got integer 1)"),
+        (
+            'backend = "b"\npreload = "yes"',
+            "preload",
+            'expected true or false (got string "yes")',
+        ),
         (
             'backend = "b"\nidle_timeout = "10 minutes please"',
             "idle_timeout",

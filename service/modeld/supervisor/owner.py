@@ -155,6 +155,11 @@ class _Adopt:
     done: asyncio.Future[bool]
 
 
+@dataclass
+class _LoadRefused:
+    error: str
+
+
 _Message = (
     _Load
     | _Evict
@@ -171,6 +176,7 @@ _Message = (
     | _GpuUsage
     | _Reconfigure
     | _Adopt
+    | _LoadRefused
 )
 _use_ids = itertools.count(1)
 
@@ -310,6 +316,12 @@ class ModelOwner:
             return None
         return backend.client
 
+    def report_refused_load(self, error: str) -> None:
+        """A load nobody waits for (a preload) was refused before it reached this owner
+        (admission: policy, busy victims, no backend): publish ``error`` as LastError,
+        unless the model has a backend again by the time the owner handles it."""
+        self._inbox.put_nowait(_LoadRefused(error))
+
     def reconfigure(self, config: ModelConfig) -> None:
         """Use ``config`` from the next load on (a running backend keeps its settings)."""
         self._inbox.put_nowait(_Reconfigure(config))
@@ -392,6 +404,9 @@ class ModelOwner:
                 self._set(gpu_memory=used)
             case _Adopt():
                 message.done.set_result(await self._on_adopt(message.record))
+            case _LoadRefused(error=error):
+                if not self.status.state.occupies_slot:
+                    self._set(last_error=error)
             case _Reconfigure(config=config):
                 if config != self.config:
                     self._load_failures = 0

@@ -19,7 +19,14 @@ from modeld.config import Config, ModelConfig
 from modeld.core.eviction import decide_load
 from modeld.core.states import ModelState
 from modeld.discovery import BackendIndex, discover_backends, effective_backend_dirs
-from modeld.errors import LoadFailed, ModeldError, NoSuchBackend, NoSuchModel, SystemdError
+from modeld.errors import (
+    InCooldown,
+    LoadFailed,
+    ModeldError,
+    NoSuchBackend,
+    NoSuchModel,
+    SystemdError,
+)
 from modeld.naming import SLICE, UNIT_PREFIX, parse_scope_name, unit_escape
 from modeld.rpc.client import BackendClient
 from modeld.supervisor.backend_run import OwnerContext
@@ -392,6 +399,42 @@ class Supervisor:
                 log.warning("restarting %s failed: %s", name, err)
 
         self._spawn(restart(), f"restart:{name}")
+
+    def preload(self, previous: Config | None = None) -> list[str]:
+        """Start the preloads (``preload = true``); returns their names, in name order.
+
+        Without ``previous`` (at start, after re-adoption): every preload model. After a
+        reload from ``previous``: the preload models it adds or newly marks ``preload``;
+        those that were preload models before are left as they are, loaded or not.
+
+        Each is an ordinary load nobody waits for (a D-Bus ``Load`` without ``wait``), asked
+        of the scheduler in name order: the policy decides, so a later one may evict an
+        earlier one (``max_loaded``) and a pin can refuse one. A refusal is logged and
+        published as the model's LastError; a load that fails is published by its owner
+        (``failed``, LastError, the failure cooldown) like any other.
+        """
+        names = []
+        for name, model in self.config.models.items():
+            before = previous.models.get(name) if previous is not None else None
+            if model.preload and (before is None or not before.preload):
+                names.append(name)
+                self._spawn(self._preload(name), f"preload:{name}")
+        return names
+
+    async def _preload(self, name: str) -> None:
+        log.info("preloading %s", name, extra={"model": name})
+        try:
+            done = await self.load(name)
+        except ModeldError as err:
+            log.warning("preload of %s refused: %s", name, err, extra={"model": name})
+            owner = self._owners.get(name)
+            if owner is not None and not isinstance(err, InCooldown):  # LastError has its cause
+                owner.report_refused_load(f"preload refused: {err}")
+            return
+        try:
+            await done
+        except ModeldError as err:  # its owner published it
+            log.warning("preload of %s failed: %s", name, err, extra={"model": name})
 
     async def unload(self, name: str, *, force: bool = False) -> asyncio.Future[None]:
         return await self.owner(name).request_unload("requested", force=force)
