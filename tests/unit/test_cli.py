@@ -697,12 +697,12 @@ def test_backends(tmp_path: Path) -> None:
     result = modeldctl("backends", "--config", str(config), env=cli_env())
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0].split() == ["NAME", "ALIAS", "META", "FOR", "PATH", "MODELS"]
+    assert lines[0].split() == ["NAME", "ALIAS", "META", "FOR", "AVAILABLE", "PATH", "MODELS"]
     rows = {line.split()[0]: line.split() for line in lines[1:]}
     backends = tmp_path / "backends"
     llama_dir, whisper_dir = str(backends / "llama-cpp"), str(backends / "cuda12-whisper")
-    assert rows["llama-cpp"] == ["llama-cpp", "llama", "-", llama_dir, "chat,", "code"]
-    assert rows["whisper"] == ["whisper", "-", "cuda12-whisper", whisper_dir, "stt"]
+    assert rows["llama-cpp"] == ["llama-cpp", "llama", "-", "yes", llama_dir, "chat,", "code"]
+    assert rows["whisper"] == ["whisper", "-", "cuda12-whisper", "yes", whisper_dir, "stt"]
     assert rows["cuda12-whisper"][-1] == "-"
     assert "reference" in rows  # the built-in backends directory is searched last
     assert "broken" not in rows
@@ -713,6 +713,8 @@ def test_backends(tmp_path: Path) -> None:
     by_name = {b["name"]: b for b in out["backends"]}
     assert by_name["llama-cpp"]["models"] == ["chat", "code"]
     assert by_name["llama-cpp"]["alias"] == "llama"
+    assert by_name["llama-cpp"]["available"] is True
+    assert by_name["llama-cpp"]["unavailable"] is None
     assert by_name["whisper"]["meta_backend_for"] == "cuda12-whisper"
     assert by_name["whisper"]["run"] == str(backends / "cuda12-whisper" / "run.sh")
     assert out["backends_dirs"][0] == str(backends)
