@@ -128,12 +128,15 @@ class Daemon:
         user = default_backend_user(self._config.daemon.backend_user or None)
         if user is None:
             log.warning("backend user 'modeld' does not exist: backends run as modeld's own user")
+        from modeld.supervisor.footprints import state_directory
         from modeld.supervisor.registry import Supervisor
         from modeld.system.gpu import open_gpu_probe
         from modeld.system.journal_logging import set_unit_lookup
 
         gpu = await open_gpu_probe(log=log)
-        supervisor = Supervisor(self._config, systemd, self, default_user=user, gpu=gpu)
+        supervisor = Supervisor(
+            self._config, systemd, self, default_user=user, gpu=gpu, state_dir=state_directory()
+        )
         self._supervisor = supervisor
         set_unit_lookup(supervisor.unit_of)
         await supervisor.start()

@@ -91,6 +91,7 @@ class Modeld:
             reload=False,
         )
         self.write_config()
+        sb.exec("rm", "-f", "/var/lib/modeld/footprints.json")  # no peaks learned elsewhere
         sb.daemon_reload()
 
     def start(self) -> None:

@@ -237,6 +237,7 @@ class FakeModeld:
             MainPID=77,
             MemoryCurrent=100 * MiB,
             MemoryMax=512 * MiB,
+            MemoryPeak=150 * MiB,
             LastUsed=now_usec - 12_000_000,
             Pinned=True,
             Endpoint="unix:/run/modeld/backends/tiny.sock",
@@ -350,7 +351,7 @@ def test_list_table(fake: FakeModeld) -> None:
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     header = lines[0]
-    cols = ["NAME", "STATE", "BACKEND", "MEMORY", "PINNED", "LAST USED", "LAST ERROR"]
+    cols = ["NAME", "STATE", "BACKEND", "MEMORY", "PEAK", "PINNED", "LAST USED", "LAST ERROR"]
     starts = column_starts(header, cols)
     assert starts == sorted(starts) and starts[0] == 0
     rows = {line.split()[0]: line for line in lines[1:]}
@@ -360,15 +361,17 @@ def test_list_table(fake: FakeModeld) -> None:
     assert tiny[starts[1] :].startswith("ready ")
     assert tiny[starts[2] :].startswith("reference ")
     assert tiny[starts[3] :].startswith("100M/512M ")
-    assert tiny[starts[4] :].startswith("yes ")
-    assert re.match(r"1[2-9]s ago", tiny[starts[5] :])
+    assert tiny[starts[4] :].startswith("150M ")
+    assert tiny[starts[5] :].startswith("yes ")
+    assert re.match(r"1[2-9]s ago", tiny[starts[6] :])
     assert rows["demo"][starts[3] :].startswith("-/4G ")
-    assert rows["demo"][starts[5] :].strip() == "-"
+    assert rows["demo"][starts[4] :].startswith("- ")  # no peak learned yet
+    assert rows["demo"][starts[6] :].strip() == "-"
     broken = rows["broken"]
-    assert broken[starts[6] :].startswith("backend exited with status 1")
+    assert broken[starts[7] :].startswith("backend exited with status 1")
     assert broken.endswith("...")
     assert "20.00 GiB" not in broken  # truncated in the table
-    assert tiny.rstrip() == tiny and not tiny[starts[6] :].strip()  # no error for ready ones
+    assert tiny.rstrip() == tiny and not tiny[starts[7] :].strip()  # no error for ready ones
 
 
 def test_list_json(fake: FakeModeld) -> None:
@@ -381,6 +384,7 @@ def test_list_json(fake: FakeModeld) -> None:
     assert tiny["backend"] == "reference"
     assert tiny["memory_current"] == 100 * MiB
     assert tiny["memory_max"] == 512 * MiB
+    assert tiny["memory_peak"] == 150 * MiB
     assert tiny["main_pid"] == 77
     assert tiny["pinned"] is True
     assert tiny["in_flight"] == 0
@@ -390,7 +394,8 @@ def test_list_json(fake: FakeModeld) -> None:
     assert models["broken"]["last_error"].endswith("(tried to allocate 20.00 GiB)")
     assert set(tiny) == {
         *("name", "backend", "state", "unit", "control_group", "main_pid", "endpoint"),
-        *("memory_current", "memory_max", "gpu_memory", "gpu", "last_used_usec", "in_flight"),
+        *("memory_current", "memory_max", "memory_peak", "gpu_memory", "gpu", "last_used_usec"),
+        "in_flight",
         *("pinned", "concurrency_groups", "last_error", "load_count", "retry_after_usec"),
         "path",
     }
@@ -412,6 +417,8 @@ def test_status(fake: FakeModeld) -> None:
     table = out[out.index("NAME") :].splitlines()
     assert [line.split()[0] for line in table[1:]] == ["tiny", "broken"]
     assert "unix:/run/modeld/backends/tiny.sock" in table[1]
+    peak = table[0].index("PEAK")
+    assert table[1][peak:].startswith("150M ")
 
 
 def test_status_json(fake: FakeModeld) -> None:

@@ -59,6 +59,7 @@ def test_model_interface_matches_the_contract() -> None:
         "Endpoint": "s",
         "MemoryCurrent": "t",
         "MemoryMax": "t",
+        "MemoryPeak": "t",
         "GpuMemory": "t",
         "Gpu": "s",
         "LastUsed": "t",

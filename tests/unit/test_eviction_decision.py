@@ -158,6 +158,7 @@ def scenarios(draw: st.DrawFn) -> tuple[list[ModelView], list[GpuView], Limits, 
                 pinned=draw(st.booleans()),
                 groups=frozenset(draw(st.lists(st.sampled_from("xy"), max_size=2))),
                 memory_max=draw(st.sampled_from([UNLIMITED, G, 2 * G, 4 * G])),
+                memory_peak=draw(st.sampled_from([0, 0, G // 2, 3 * G])),
                 memory_current=draw(st.integers(0, 3)) * G if holds else 0,
                 gpu_memory=draw(st.sampled_from([0, 0, 2 * G, 6 * G])),
                 gpu=gpu,
@@ -197,8 +198,9 @@ def test_invariants(case: tuple[list[ModelView], list[GpuView], Limits, str]) ->
         if limits.max_loaded:
             assert len(staying) + 1 <= limits.max_loaded, "over the cap after the plan"
         assert not any(m.groups & wanted.groups for m in staying), "two models of a group"
-        if wanted.memory_max != UNLIMITED and limits.memory_budget != UNLIMITED:
-            assert sum(m.memory_charge for m in staying) + wanted.memory_max <= limits.memory_budget
+        if wanted.memory_need != UNLIMITED and limits.memory_budget != UNLIMITED:
+            used = sum(m.memory_charge for m in staying)
+            assert used + wanted.memory_need <= limits.memory_budget
         if wanted.gpu_memory:
             device = next(g for g in gpus if g.uuid == decision.gpu)
             freed = sum(v.gpu_used for v in victims if v.gpu == device.uuid)
@@ -217,16 +219,16 @@ def _no_plan_exists(
     """Evicting every unpinned model that holds a backend still would not admit ``wanted``."""
     others = [m for m in models if m.holds_backend and m.name != wanted.name]
     pinned = [m for m in others if m.pinned]
-    if wanted.memory_max != UNLIMITED and wanted.memory_max > limits.memory_budget:
+    if wanted.memory_need != UNLIMITED and wanted.memory_need > limits.memory_budget:
         return True
     if any(m.groups & wanted.groups for m in pinned):
         return True
     if limits.max_loaded and len(pinned) + 1 > limits.max_loaded:
         return True
     if (
-        wanted.memory_max != UNLIMITED
+        wanted.memory_need != UNLIMITED
         and limits.memory_budget != UNLIMITED
-        and sum(m.memory_charge for m in pinned) + wanted.memory_max > limits.memory_budget
+        and sum(m.memory_charge for m in pinned) + wanted.memory_need > limits.memory_budget
     ):
         return True
     if wanted.gpu_memory:

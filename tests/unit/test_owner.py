@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from modeld.config import default_daemon_config, load_model_config
 from modeld.errors import LoadFailed
+from modeld.supervisor.footprints import FootprintStore
 from modeld.supervisor.owner import ModelOwner
 from modeld.supervisor.status import StatusChange
 
@@ -33,7 +35,8 @@ def test_an_internal_error_fails_the_request_instead_of_hanging(tmp_path: Path) 
     config = load_model_config(model_file, daemon, host_memory=8 * 1024**3)
 
     async def scenario() -> None:
-        owner = ModelOwner(config, context=None, observer=Recorder())  # type: ignore[arg-type]
+        context = SimpleNamespace(footprints=FootprintStore())
+        owner = ModelOwner(config, context=context, observer=Recorder())  # type: ignore[arg-type]
 
         def broken(_message: Any) -> None:
             raise RuntimeError("boom")

@@ -35,6 +35,7 @@ MODEL_PROPERTIES: Final[Mapping[str, str]] = MappingProxyType(
         "Endpoint": STRING,
         "MemoryCurrent": UINT64,
         "MemoryMax": UINT64,
+        "MemoryPeak": UINT64,
         "GpuMemory": UINT64,
         "Gpu": STRING,
         "LastUsed": UINT64,

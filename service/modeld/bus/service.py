@@ -59,6 +59,7 @@ _STATUS_PROPERTIES: tuple[tuple[str, Callable[[ModelStatus], object]], ...] = (
     ("MainPID", lambda s: s.main_pid),
     ("Endpoint", lambda s: s.endpoint),
     ("MemoryMax", lambda s: s.memory_max),
+    ("MemoryPeak", lambda s: s.memory_peak),
     ("LastUsed", lambda s: s.last_used_us),
     ("InFlight", lambda s: s.in_flight),
     ("Pinned", lambda s: s.pinned),
@@ -197,6 +198,12 @@ class ModelInterface(ApiInterface):
     @dbus_property(access=PropertyAccess.READ)
     def MemoryMax(self) -> UINT64:
         return self._status().memory_max
+
+    @dbus_property(access=PropertyAccess.READ)
+    def MemoryPeak(self) -> UINT64:
+        """The learned peak memory of its backends (0: not known yet); admission counts
+        the model with it plus a margin instead of MemoryMax."""
+        return self._status().memory_peak
 
     @dbus_property(access=PropertyAccess.READ)
     def GpuMemory(self) -> UINT64:

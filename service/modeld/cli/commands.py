@@ -103,6 +103,7 @@ async def cmd_status(client: Client, args: argparse.Namespace) -> int:
             p.get("Backend", ""),
             str(p.get("MainPID") or "-"),
             render.memory_cell(int(p.get("MemoryCurrent", 0)), int(p.get("MemoryMax", 0))),
+            render.size_or_dash(int(p.get("MemoryPeak", 0))),
             render.size_or_dash(int(p.get("GpuMemory", 0))),
             str(p.get("InFlight", 0)),
             render.relative_time(int(p.get("LastUsed", 0))),
@@ -110,7 +111,10 @@ async def cmd_status(client: Client, args: argparse.Namespace) -> int:
         ]
         for p in props
     ]
-    headers = ["NAME", "STATE", "BACKEND", "PID", "MEMORY", "GPU MEM", "IN FLIGHT", "LAST USED"]
+    headers = [
+        *("NAME", "STATE", "BACKEND", "PID", "MEMORY", "PEAK", "GPU MEM", "IN FLIGHT"),
+        "LAST USED",
+    ]
     say(render.table([*headers, "ENDPOINT"], rows, right=("PID", "IN FLIGHT")))
     return 0
 
@@ -129,7 +133,7 @@ async def cmd_list(client: Client, args: argparse.Namespace) -> int:
         say("No models configured.")
         return 0
     any_failed = any(p.get("State") == "failed" for p in props)
-    headers = ["NAME", "STATE", "BACKEND", "MEMORY", "PINNED", "LAST USED"]
+    headers = ["NAME", "STATE", "BACKEND", "MEMORY", "PEAK", "PINNED", "LAST USED"]
     rows = []
     for p in props:
         row = [
@@ -137,6 +141,7 @@ async def cmd_list(client: Client, args: argparse.Namespace) -> int:
             p.get("State", ""),
             p.get("Backend", ""),
             render.memory_cell(int(p.get("MemoryCurrent", 0)), int(p.get("MemoryMax", 0))),
+            render.size_or_dash(int(p.get("MemoryPeak", 0))),
             "yes" if p.get("Pinned") else "no",
             render.relative_time(int(p.get("LastUsed", 0))),
         ]

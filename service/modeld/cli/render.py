@@ -26,6 +26,7 @@ MODEL_KEYS: dict[str, str] = {
     "Endpoint": "endpoint",
     "MemoryCurrent": "memory_current",
     "MemoryMax": "memory_max",
+    "MemoryPeak": "memory_peak",
     "GpuMemory": "gpu_memory",
     "Gpu": "gpu",
     "LastUsed": "last_used_usec",

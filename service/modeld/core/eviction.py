@@ -9,8 +9,10 @@ Policies, in this order (LocalAI's semantics where it has them):
 
 1. concurrency groups: every loaded model sharing a group with the target goes;
 2. the ``max_loaded`` cap, counting loads in progress: least recently used first;
-3. host memory: the target's ``memory_max`` must fit in the budget minus what the other
-   backends use (measured; a loading backend counts with its limit);
+3. host memory: the target's need must fit in the budget minus what the other backends use
+   (measured; a loading backend counts with its need). A model's need is its learned peak
+   with a margin when one is known, else its ``memory_max``
+   (:func:`modeld.core.footprint.admission_need`);
 4. GPU memory: the target's ``gpu_memory`` must fit on one device: the device with the most
    free memory after the evictions already planned; if none fits, the device where the
    fewest models must go, evicting them LRU-first.
@@ -26,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from modeld.core.footprint import admission_need
 from modeld.core.states import ModelState
 from modeld.units import UINT64_MAX, format_size
 
@@ -43,7 +46,9 @@ class ModelView:
     pinned: bool = False
     groups: frozenset[str] = frozenset()
     memory_max: int = UNLIMITED
-    """Configured limit: what the model needs when it loads."""
+    """Configured limit: what the model needs when it loads, unless a peak is known."""
+    memory_peak: int = 0
+    """Learned peak memory of its earlier backends (0: not known)."""
     memory_current: int = 0
     """Measured use of its running backend."""
     gpu_memory: int = 0
@@ -62,10 +67,15 @@ class ModelView:
         return self.state is not ModelState.READY or self.in_flight > 0
 
     @property
+    def memory_need(self) -> int:
+        """What it needs when it loads: its learned peak with a margin, else its limit."""
+        return admission_need(self.memory_max, self.memory_peak)
+
+    @property
     def memory_charge(self) -> int:
-        """What it counts against the budget: a loading backend counts with its limit."""
-        if self.state is ModelState.LOADING and self.memory_max != UNLIMITED:
-            return max(self.memory_max, self.memory_current)
+        """What it counts against the budget: a loading backend counts with its need."""
+        if self.state is ModelState.LOADING and self.memory_need != UNLIMITED:
+            return max(self.memory_need, self.memory_current)
         return self.memory_current
 
 
@@ -172,10 +182,12 @@ def decide_load(
 
 
 def _refuse_impossible(model: ModelView, gpus: Sequence[GpuView], limits: Limits) -> None:
-    if model.memory_max != UNLIMITED and model.memory_max > limits.memory_budget:
-        need, budget = _sizes(model.memory_max, limits.memory_budget)
+    memory = model.memory_need
+    if memory != UNLIMITED and memory > limits.memory_budget:
+        source = "memory_max" if memory == model.memory_max else "its learned peak + margin"
+        need_s, budget = _sizes(memory, limits.memory_budget)
         raise _Refused(
-            f"{model.name} needs {need} of memory (memory_max) but the budget for all"
+            f"{model.name} needs {need_s} of memory ({source}) but the budget for all"
             f" backends is {budget}"
         )
     if model.gpu_memory > 0:
@@ -217,7 +229,7 @@ def _apply_cap(plan: _Plan, others: Sequence[ModelView], max_loaded: int) -> Non
 
 
 def _apply_memory(plan: _Plan, others: Sequence[ModelView], budget: int) -> None:
-    need = plan.target.memory_max
+    need = plan.target.memory_need
     if need == UNLIMITED or budget == UNLIMITED:
         return
     staying = [m for m in others if not plan.gone(m)]

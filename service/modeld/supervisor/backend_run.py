@@ -29,6 +29,7 @@ from modeld.errors import LoadFailed, SystemdError
 from modeld.naming import SLICE
 from modeld.rpc.client import BackendClient, build_model_options
 from modeld.supervisor.environment import backend_environment, credentials_for
+from modeld.supervisor.footprints import FootprintStore
 from modeld.supervisor.records import RecordStore
 from modeld.supervisor.spawn import Credentials, ExitStatus, GatedProcess, WatchedProcess
 from modeld.supervisor.systemd_api import SystemdApi
@@ -96,6 +97,8 @@ class OwnerContext:
     ``backend_log_fields``)."""
     restart: Callable[[str], None] = lambda _name: None
     """Asks the supervisor to load a model again (``restart = "on-failure"``)."""
+    footprints: FootprintStore = field(default_factory=FootprintStore)
+    """The learned peak memory of each model (in memory only unless given a directory)."""
 
 
 @dataclass
@@ -122,6 +125,14 @@ class BackendRun:
     relay: GatedProcess | None = None
     """The log relay that sends the backend's output to the journal (in its scope)."""
     relay_exited: asyncio.Event = field(default_factory=asyncio.Event)
+    footprint_key: str = ""
+    """The configuration it was started with (:func:`footprints.footprint_key`; "": unknown)."""
+    memory_seen: int = 0
+    """The highest memory.current read from its cgroup (the peak when the kernel keeps none)."""
+    memory_peak: int = 0
+    """The peak memory of its scope, read by :meth:`stop` before the scope goes (0: unknown)."""
+    gpu_memory_seen: int = 0
+    """The most GPU memory NVML attributed to it."""
 
     @property
     def address(self) -> str:
@@ -293,7 +304,23 @@ class BackendRun:
         if self.process is not None and self.process.exit_status is None:
             pids.add(self.process.pid)
         memory = cgroups.memory_current(self.control_group) if self.control_group else None
+        self.memory_seen = max(self.memory_seen, memory or 0)
         return cpu_ticks(pids), memory or 0
+
+    def sample_memory(self, cgroups: CgroupLayout) -> None:
+        """Note the cgroup's memory use now (for :attr:`memory_seen`)."""
+        if self.control_group:
+            current = cgroups.memory_current(self.control_group) or 0
+            self.memory_seen = max(self.memory_seen, current)
+
+    def _read_peak(self, cgroups: CgroupLayout) -> None:
+        """The scope's peak memory while its cgroup still exists: the kernel's high-water
+        mark, else (an older kernel, or the cgroup already gone) the highest use seen."""
+        if not self.control_group:
+            return
+        self.sample_memory(cgroups)
+        peak = cgroups.memory_peak(self.control_group)
+        self.memory_peak = peak if peak else self.memory_seen
 
     async def _guard_stall(self, context: OwnerContext, work: Awaitable[None]) -> None:
         """Run ``work`` until done; fail it only after a whole stall timeout without progress."""
@@ -329,8 +356,10 @@ class BackendRun:
 
     async def stop(self, context: OwnerContext, *, scope_result: bool = False) -> str | None:
         """Stop everything of this run; returns the scope's Result when ``scope_result`` and
-        it had one. What systemd could not stop is SIGKILLed."""
+        it had one. What systemd could not stop is SIGKILLed. Reads the scope's peak memory
+        (:attr:`memory_peak`) first."""
         self.stopping = True
+        self._read_peak(context.cgroups)
         systemd = context.systemd
         result: str | None = None
         stopped = False

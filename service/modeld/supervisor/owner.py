@@ -9,6 +9,11 @@ handled while it is in progress; an unload and the clean-up after a crash run in
 requests that arrive meanwhile simply wait in the inbox. Every transition into a settled
 state resolves the futures waiting on it.
 
+When a backend that served goes away (unloaded, evicted, crashed), the owner learns its
+footprint: the peak memory of its scope's cgroup, read just before the scope is stopped,
+published as ``memory_peak`` and saved (:mod:`modeld.supervisor.footprints`) when it was
+measured under the model's current configuration.
+
 Use is counted here, from the moment a request is accepted (while it waits for the model
 or a ``parallel`` slot too) until its caller ends it, and for every open lease. An eviction
 (the scheduler making room) is refused while the model is in use or pinned unless forced;
@@ -36,6 +41,7 @@ from modeld.naming import backend_socket, scope_name
 from modeld.rpc.client import BackendClient
 from modeld.supervisor.backend_run import BackendRun, OwnerContext
 from modeld.supervisor.cooldown import cooldown_refusal, cooldown_seconds
+from modeld.supervisor.footprints import Footprint, footprint_key
 from modeld.supervisor.mailbox import serve
 from modeld.supervisor.records import BackendRecord
 from modeld.supervisor.spawn import AdoptedProcess, ExitStatus
@@ -208,7 +214,12 @@ class ModelOwner:
         last_generation: int = 0,
     ) -> None:
         self.config = config
-        self.status = ModelStatus(memory_max=config.memory_max, pinned=config.pinned)
+        self._footprint_key = footprint_key(config)
+        self.status = ModelStatus(
+            memory_max=config.memory_max,
+            pinned=config.pinned,
+            memory_peak=context.footprints.memory_peak(config.name, self._footprint_key),
+        )
         self._context = context
         self._observer = observer
         self._next_generation = last_generation + 1
@@ -401,6 +412,8 @@ class ModelOwner:
             case _Timeout():
                 await self._on_timeout(message)
             case _GpuUsage(used=used):
+                if self._backend is not None:
+                    self._backend.gpu_memory_seen = max(self._backend.gpu_memory_seen, used)
                 self._set(gpu_memory=used)
             case _Adopt():
                 message.done.set_result(await self._on_adopt(message.record))
@@ -412,6 +425,10 @@ class ModelOwner:
                     self._load_failures = 0
                     self._set(retry_after_us=0)
                 self.config = config
+                key = footprint_key(config)
+                if key != self._footprint_key:
+                    self._footprint_key = key
+                    self._set(memory_peak=self._context.footprints.memory_peak(self.name, key))
                 if not self.status.state.occupies_slot:
                     self._set(memory_max=config.memory_max)
 
@@ -462,6 +479,7 @@ class ModelOwner:
             unit=scope_name(self.name, generation),
             socket=backend_socket(self._context.runtime_dir, self.name),
             started_us=_now_us(),
+            footprint_key=self._footprint_key,
         )
         self._backend = backend
         self._set_state(
@@ -553,6 +571,7 @@ class ModelOwner:
                 socket=str(backend.socket),
                 started_us=backend.started_us,
                 load_count=self.status.load_count,
+                footprint_key=backend.footprint_key,
             )
         )
 
@@ -564,6 +583,7 @@ class ModelOwner:
             socket=Path(record.socket),
             started_us=record.started_us,
             scope_started=True,
+            footprint_key=record.footprint_key,
         )
         self._backend = backend
         self._next_generation = max(self._next_generation, record.generation + 1)
@@ -626,6 +646,8 @@ class ModelOwner:
         if crash is not None and backend.oom is not None:
             backend.oom.check()
         scope_result = await self._teardown(backend, scope_result=True)
+        if not was_loading:
+            self._learn_footprint(backend)
         self._set(**_CLEARED)
         reason = "failed"
         if crash is not None:
@@ -710,6 +732,21 @@ class ModelOwner:
         await self._unload_now(backend, message.reason)
         done.set_result(None)
 
+    def _learn_footprint(self, backend: BackendRun) -> None:
+        """Remember the peak of ``backend`` (which served and is gone) when it ran under the
+        current configuration; the highest peak under that configuration is published."""
+        if backend.memory_peak <= 0 or backend.footprint_key != self._footprint_key:
+            return
+        measured = Footprint(backend.footprint_key, backend.memory_peak, backend.gpu_memory_seen)
+        learned = self._context.footprints.learn(self.name, measured)
+        log.info(
+            "model %s: peak memory %s (learned: %s)",
+            self.name,
+            format_size(measured.memory_peak),
+            format_size(learned.memory_peak),
+        )
+        self._set(memory_peak=learned.memory_peak)
+
     async def _on_evict(self, message: _Evict) -> None:
         backend = self._backend
         if backend is None or not self.status.state.occupies_slot:
@@ -755,6 +792,8 @@ class ModelOwner:
         elif backend.client is not None and backend.crash_status is None:
             await backend.client.free(FREE_TIMEOUT)
         await self._teardown(backend)
+        if not was_loading:
+            self._learn_footprint(backend)
         self._backend = None
         self._set_state(ModelState.UNLOADED, **_CLEARED)
         self._observer.on_unloaded(self.name, reason)
@@ -768,6 +807,8 @@ class ModelOwner:
     async def _use_changed(self) -> None:
         in_flight = len(self._requests) + len(self._leases)
         state = self.status.state
+        if self._backend is not None and state.serving:
+            self._backend.sample_memory(self._context.cgroups)
         use = {"in_flight": in_flight, "last_used_us": _now_us()}
         if state is ModelState.READY and in_flight > 0:
             self._set_state(ModelState.BUSY, **use)

@@ -27,6 +27,8 @@ class BackendRecord:
     socket: str
     started_us: int
     load_count: int
+    footprint_key: str = ""
+    """The configuration the backend was started with (:func:`footprints.footprint_key`)."""
 
 
 class RecordStore:

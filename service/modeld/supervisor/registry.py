@@ -14,6 +14,7 @@ import os
 import socket
 from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from modeld.config import Config, ModelConfig
 from modeld.core.eviction import decide_load
@@ -30,6 +31,7 @@ from modeld.errors import (
 from modeld.naming import SLICE, UNIT_PREFIX, parse_scope_name, unit_escape
 from modeld.rpc.client import BackendClient
 from modeld.supervisor.backend_run import OwnerContext
+from modeld.supervisor.footprints import FootprintStore
 from modeld.supervisor.measurements import HostMeasurements
 from modeld.supervisor.owner import ModelOwner, OwnerObserver
 from modeld.supervisor.records import RecordStore
@@ -125,8 +127,11 @@ class Supervisor:
         gpu: GpuProbe | None = None,
         decide: DecideFunction = decide_load,
         watch_pressure: bool = True,
+        state_dir: Path | None = None,
     ) -> None:
+        """``state_dir``: where learned footprints persist (None: in memory only)."""
         self.config = config
+        self._state_dir = state_dir
         self._systemd = systemd
         self._observer = observer
         self._cgroups = cgroups or CgroupLayout.detect()
@@ -160,6 +165,7 @@ class Supervisor:
         os.chmod(backends_dir, 0o1733)
         self._sockets = DirectoryWatch(backends_dir)
         self._records = RecordStore(self.config.daemon.runtime_dir / "state")
+        self._footprints = FootprintStore(self._state_dir)
         await self._apply_memory_budget()
         await self._adopt_or_collect()
         for model in self.config.models.values():
@@ -243,6 +249,7 @@ class Supervisor:
             default_user=self._default_user,
             sockets=self._sockets,
             records=self._records,
+            footprints=self._footprints,
             log_relay=self.config.daemon.backend_log_fields,
             restart=self._restart,
         )

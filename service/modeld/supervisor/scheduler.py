@@ -579,6 +579,7 @@ class Scheduler:
                     pinned=status.pinned,
                     groups=frozenset(config.concurrency_groups),
                     memory_max=config.memory_max,
+                    memory_peak=status.memory_peak,
                     memory_current=memory,
                     gpu_memory=config.gpu_memory,
                     gpu=status.gpu,

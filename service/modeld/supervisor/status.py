@@ -34,6 +34,8 @@ class ModelStatus:
     gpu_memory: int = 0
     retry_after_us: int = 0
     """When a load may be tried again after a failure (µs since the epoch; 0: now)."""
+    memory_peak: int = 0
+    """The learned peak memory of its backends under its configuration (0: not known)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,6 +45,13 @@ class CgroupLayout:
         name = "memory.current" if self.unified else "memory.usage_in_bytes"
         return _read_int(self.memory_dir(control_group) / name)
 
+    def memory_peak(self, control_group: str) -> int | None:
+        """The highest memory use the kernel recorded for the cgroup (v2 ``memory.peak``,
+        kernel 5.19+; v1 ``memory.max_usage_in_bytes``); None when the file is absent (an
+        older kernel, or the cgroup is gone)."""
+        name = "memory.peak" if self.unified else "memory.max_usage_in_bytes"
+        return _read_int(self.memory_dir(control_group) / name)
+
     def in_oom(self, control_group: str) -> bool:
         """True when the cgroup is under OOM now or has had an OOM kill."""
         name = "memory.events" if self.unified else "memory.oom_control"
