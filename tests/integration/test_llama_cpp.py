@@ -160,13 +160,15 @@ def test_embeddings_are_unit_vectors_that_depend_on_the_text(
     assert "Embeddings = true" in str(refused.value)
 
 
-def test_memory_current_holds_the_weights_then_nothing_is_left(modeld: Modeld) -> None:
+def test_memory_holds_the_weights_and_the_peak_is_learned(modeld: Modeld) -> None:
     size = (modeld.models_dir / "large.toml").read_text()  # the file is ~300 MB
     assert "MMap = false" in size
     modeld.load("large")
     assert modeld.prop("large", "MemoryCurrent") >= 280 * 1024 * 1024
     modeld.unload("large")
     assert modeld.leftovers("large") == []
+    peak = modeld.prop("large", "MemoryPeak")  # learned from the scope as it went
+    assert 280 * 1024 * 1024 <= peak <= 1024 * 1024 * 1024
 
 
 def test_a_model_larger_than_its_limit_fails_as_oom_with_nothing_left(modeld: Modeld) -> None:
