@@ -19,9 +19,10 @@ from typing import Any
 import grpc
 
 from modeld.backend_kit.log import log
-from modeld.backend_kit.memory import release_memory, rss_bytes
+from modeld.backend_kit.memory import release_memory
 from modeld.backend_kit.rpc import RpcAbort, streaming, unary
 from modeld.backend_kit.server import ProcessControl
+from modeld.backend_kit.status import status_reply
 from modeld.llama_backend.params import (
     INSTALL_HINT,
     LoadSettings,
@@ -224,17 +225,10 @@ class LlamaBackend:
         """READY / BUSY / UNINITIALIZED, and memory: RSS and the model file's size."""
         with self._lock:
             loaded, busy = self._loaded, self._busy
-        if loaded is None:
-            state = pb.StatusResponse.UNINITIALIZED
-        elif busy > 0:
-            state = pb.StatusResponse.BUSY
-        else:
-            state = pb.StatusResponse.READY
-        rss = rss_bytes()
-        memory = pb.MemoryUsageData(total=rss)
-        memory.breakdown["rss"] = rss
-        memory.breakdown["model_file"] = loaded.file_size if loaded else 0
-        return pb.StatusResponse(state=state, memory=memory)
+        model_file = loaded.file_size if loaded else 0
+        return status_reply(
+            loaded=loaded is not None, busy=busy, breakdown={"model_file": model_file}
+        )
 
     @unary
     def Free(self, request: Any, context: Any) -> Any:

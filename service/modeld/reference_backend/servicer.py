@@ -19,10 +19,11 @@ from typing import Any, NoReturn
 import grpc
 
 from modeld.backend_kit.log import log
-from modeld.backend_kit.memory import MIB, release_memory, rss_bytes
+from modeld.backend_kit.memory import MIB, release_memory
 from modeld.backend_kit.options import model_path
 from modeld.backend_kit.rpc import RpcAbort, streaming, unary
 from modeld.backend_kit.server import ProcessControl
+from modeld.backend_kit.status import status_reply
 from modeld.reference_backend.knobs import KnobError, Knobs, parse_knobs
 from modeld.reference_backend.memory import allocate_touched
 from modeld.reference_backend.ngram import NgramModel, SamplingParams, embed, tokenize
@@ -281,18 +282,11 @@ class ReferenceBackend:
         self._enter()
         with self._lock:
             loaded, busy = self._loaded, self._busy
-        if loaded is None:
-            state = pb.StatusResponse.UNINITIALIZED
-        elif busy > 0:
-            state = pb.StatusResponse.BUSY
-        else:
-            state = pb.StatusResponse.READY
-        rss = rss_bytes()
-        memory = pb.MemoryUsageData(total=rss)
-        memory.breakdown["rss"] = rss
-        memory.breakdown["model_ngrams"] = loaded.model.approx_bytes if loaded else 0
-        memory.breakdown["alloc"] = len(loaded.ballast) if loaded and loaded.ballast else 0
-        return pb.StatusResponse(state=state, memory=memory)
+        breakdown = {
+            "model_ngrams": loaded.model.approx_bytes if loaded else 0,
+            "alloc": len(loaded.ballast) if loaded and loaded.ballast else 0,
+        }
+        return status_reply(loaded=loaded is not None, busy=busy, breakdown=breakdown)
 
     @unary
     def Free(self, request: Any, context: Any) -> Any:
