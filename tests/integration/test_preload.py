@@ -122,7 +122,7 @@ def test_a_preload_model_loads_after_ready_and_is_kept_over_a_restart(
     assert modeld.prop("preloaded", "State") == "ready"
     journal = sandbox.journal(unit="modeld.service")
     assert journal.count("preloading preloaded") == 2
-    assert f"re-adopted {modeld.prop('slow', 'Unit')}" in journal
+    assert f"re-adopted {modeld.prop('preloaded', 'Unit')}" in journal
     assert sandbox.journal(identifier="preloaded").count("listening on") == 1
     assert modeld.prop("plain", "State") == "unloaded"
 
