@@ -207,7 +207,7 @@ def figures(result: dict[str, Any]) -> list[dict[str, Any]]:
     return [
         figure(
             "load",
-            "Load(wait), reference backend",
+            "Load(wait) vs the physical limit",
             "ms",
             samples["modeld"],
             baseline=samples["bare"],
@@ -215,7 +215,7 @@ def figures(result: dict[str, Any]) -> list[dict[str, Any]]:
         ),
         figure(
             "load",
-            "Load(wait), reference backend",
+            "Load(wait) vs a raw scope",
             "ms",
             samples["modeld"],
             baseline=samples["scope"],
@@ -224,7 +224,7 @@ def figures(result: dict[str, Any]) -> list[dict[str, Any]]:
         ),
         figure(
             "load",
-            "raw scope start (systemd's share)",
+            "raw scope start vs the physical limit (systemd's share)",
             "ms",
             samples["scope"],
             baseline=samples["bare"],
