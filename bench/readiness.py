@@ -211,9 +211,9 @@ async def drive(rounds: int, delays: Sequence[float]) -> dict[str, dict[str, lis
 
     times = {str(d): {p: [] for p in POLICIES} for d in delays}
     number = 0
-    for round_no in range(-1, rounds):  # round -1 warms caches, at the shortest delay only
+    for round_no in range(-1, rounds):  # round -1 warms caches: limit and modeld, no delay
         shift = round_no % len(POLICIES)
-        order = POLICIES[shift:] + POLICIES[:shift]
+        order = POLICIES[shift:] + POLICIES[:shift] if round_no >= 0 else POLICIES[:2]
         for delay in delays[:1] if round_no < 0 else delays:
             for policy in order:
                 number += 1

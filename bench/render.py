@@ -64,6 +64,16 @@ SECTIONS = {
         "OpenAI-compatible HTTP on `api.sock` against the same calls by gRPC straight to the "
         "backend, interleaved (`bench/front_door.py`).",
     ),
+    "faults": (
+        "Faults",
+        "Crash detection: `kill -9` of a ready backend until modeld's `ModelUnloaded` "
+        "(`crashed`), against the kernel's exit notification of the same kill (a pidfd in the "
+        "driver). Re-adoption: `systemctl restart modeld` and `kill -9` of modeld "
+        "(`Restart=on-failure`, `RestartSec=1s`) with 1, 16 and 64 backends running, until "
+        "modeld owns `org.modeld1` again (it does once every backend is re-adopted), against "
+        "the same with none running (`bench/faults.py`). Memory pressure to first eviction "
+        "is under *Swap* (`bench/eviction.py`).",
+    ),
     "llama": (
         "A real engine: llama-cpp",
         "The llama-cpp backend on a GGUF model generated here (tests/ggufgen): `Load(wait)` "
@@ -311,6 +321,27 @@ def plot_llama(result: dict[str, Any], docs: Path) -> Path:
     return _save(fig, docs, "llama")
 
 
+def plot_faults(result: dict[str, Any], docs: Path) -> Path:
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    crash = result["crash_ms"]
+    _box(left, {"modeld (ModelUnloaded)": crash["modeld"], "kernel (pidfd)": crash["pidfd"]}, "ms")
+    left.set_title("kill -9 of a backend: detected after")
+    readopt = result["readoption_ms"]
+    levels = sorted(readopt, key=int)
+    for how, label in (("restart", "systemctl restart"), ("kill", "kill -9 (+ RestartSec 1 s)")):
+        meds = [statistics.median(readopt[lv][how]) for lv in levels]
+        lows = [m - _q(readopt[lv][how], 0.25) for m, lv in zip(meds, levels, strict=True)]
+        highs = [_q(readopt[lv][how], 0.75) - m for m, lv in zip(meds, levels, strict=True)]
+        xs = [int(lv) for lv in levels]
+        right.errorbar(xs, meds, yerr=[lows, highs], marker="o", capsize=3, label=label)
+    right.set_xlabel("backends running")
+    right.set_ylabel("ms until re-adopted (median, IQR)")
+    right.set_title("modeld restart and re-adoption")
+    right.legend(fontsize=8)
+    right.grid(alpha=0.3)
+    return _save(fig, docs, "faults")
+
+
 def _plots(data: dict[str, Any], docs: Path) -> dict[str, Path]:
     results = data["results"]
     plots: dict[str, Path] = {}
@@ -327,6 +358,8 @@ def _plots(data: dict[str, Any], docs: Path) -> dict[str, Path]:
         plots["footprint"] = plot_footprint(results.get("cycles"), idle, docs)
     if "front_door" in results:
         plots["front_door"] = plot_front_door(results["front_door"], docs)
+    if "faults" in results:
+        plots["faults"] = plot_faults(results["faults"], docs)
     if "llama" in results and "skipped" not in results["llama"]:
         plots["llama"] = plot_llama(results["llama"], docs)
     return plots
@@ -363,12 +396,17 @@ def headlines(figures: list[dict[str, Any]]) -> list[dict[str, Any]]:
         top = max(int(f["name"].rsplit(", ", 1)[1].split()[0]) for f in control)
         at_top = [f for f in control if f["name"].endswith(f", {top} loaded")]
         picked.append(max(at_top, key=lambda f: f["value"]["p99"]))
+    readopt = [f for f in figures if f["benchmark"] == "faults" and " backends, " in f["name"]]
+    if readopt:
+        most = max(int(f["name"].split(" backends, ")[0].rsplit(" ", 1)[1]) for f in readopt)
+        picked += [f for f in readopt if f", {most} backends, " in f["name"]]
     wanted = (
         "Load(wait) vs a raw scope",
         "swap in a concurrency group",
         "modeld RSS at idle",
         "modeld CPU at idle",
         "modeld CPU time per load + unload cycle",
+        "kill -9 of a backend",
         "-token completion",
         "streamed tokens per second",
         "tokens per second, streamed, front door",

@@ -34,6 +34,7 @@ sys.path.insert(0, str(BENCH))
 import control_plane  # noqa: E402
 import cpu_per_cycle  # noqa: E402
 import eviction  # noqa: E402
+import faults  # noqa: E402
 import front_door  # noqa: E402
 import llama  # noqa: E402
 import load_overhead  # noqa: E402
@@ -66,6 +67,9 @@ class Profile:
     stream_tokens: int
     stream_rounds: int
     clients: int
+    crash_rounds: int
+    readoption_levels: tuple[int, ...]
+    readoption_rounds: int
     llama_preset: str
     llama_load_rounds: int
     llama_rounds: int
@@ -76,7 +80,7 @@ FULL = Profile(
     name="full",
     load_rounds=30,  # then on until a 5 ms difference is resolved, within the budget
     load_max_rounds=400,
-    load_budget_s=240.0,
+    load_budget_s=200.0,
     readiness_rounds=6,
     readiness_delays=(0.0, 0.5, 3.0),
     swap_rounds=30,
@@ -90,6 +94,9 @@ FULL = Profile(
     stream_tokens=2000,
     stream_rounds=16,
     clients=64,
+    crash_rounds=20,
+    readoption_levels=(1, 16, 64),
+    readoption_rounds=4,
     llama_preset="large",
     llama_load_rounds=8,
     llama_rounds=5,
@@ -114,6 +121,9 @@ QUICK = Profile(
     stream_tokens=200,
     stream_rounds=2,
     clients=4,
+    crash_rounds=2,
+    readoption_levels=(1,),
+    readoption_rounds=1,
     llama_preset="tiny",
     llama_load_rounds=1,
     llama_rounds=1,
@@ -154,6 +164,10 @@ STEPS: dict[str, Step] = {
     "front_door": (
         lambda p: front_door.run(p.front_rounds, p.stream_tokens, p.stream_rounds, p.clients),
         front_door.figures,
+    ),
+    "faults": (
+        lambda p: faults.run(p.crash_rounds, p.readoption_levels, p.readoption_rounds),
+        faults.figures,
     ),
     "llama": (_llama, lambda r: [] if "skipped" in r else llama.figures(r)),
 }

@@ -22,8 +22,17 @@ import pytest
 pytestmark = pytest.mark.systemd
 
 REPO = Path(__file__).resolve().parents[2]
-BENCHMARKS = ("load", "readiness", "swap", "control_plane", "cycles", "front_door", "llama")
-SECTIONS = ("load", "readiness", "swap", "control_plane", "footprint", "front_door")
+BENCHMARKS = (
+    "load",
+    "readiness",
+    "swap",
+    "control_plane",
+    "cycles",
+    "front_door",
+    "faults",
+    "llama",
+)
+SECTIONS = ("load", "readiness", "swap", "control_plane", "footprint", "front_door", "faults")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
