@@ -241,8 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--docs",
         type=Path,
-        help="where benchmarks.md and its plots go (default: docs/, or"
-        " bench/results/quick-docs/ with --quick)",
+        help="where benchmarks.md and its plots go (default: docs/; with --quick or --only:"
+        " quick-docs/ or partial-docs/ in the results directory)",
     )
     parser.add_argument("--render", type=Path, metavar="JSON", help="only render this result")
     args = parser.parse_args(argv)
@@ -251,7 +251,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.render:
         data = json.loads(args.render.read_text())
-        docs = args.docs or (REPO / "docs" if data["mode"] == "full" else _quick_docs(args))
+        data.setdefault("result_file", args.render.name)
+        args.quick = data["mode"] != "full"
+        docs = args.docs or _default_docs(args, partial=args.render.stem.endswith("-partial"))
         for path in render(data, docs):
             print(path)
         return 0
@@ -263,12 +265,13 @@ def main(argv: list[str] | None = None) -> int:
     profile = QUICK if args.quick else FULL
     data = _finite(run_all(profile, only))
     stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H%M%S")
-    suffix = "-quick" if args.quick else ""
+    suffix = ("-quick" if args.quick else "") + ("-partial" if only else "")
     args.results.mkdir(parents=True, exist_ok=True)
     out = args.results / f"{stamp}{suffix}.json"
+    data["result_file"] = out.name
     out.write_text(json.dumps(data, indent=1) + "\n")
     print(out)
-    docs = args.docs or (_quick_docs(args) if args.quick else REPO / "docs")
+    docs = args.docs or _default_docs(args, partial=bool(only))
     for path in render(data, docs):
         print(path)
     if data["errors"]:
@@ -277,8 +280,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _quick_docs(args: argparse.Namespace) -> Path:
-    return Path(args.results) / "quick-docs"
+def _default_docs(args: argparse.Namespace, *, partial: bool) -> Path:
+    """docs/ for a full run of everything; a smoke or partial run's report never replaces
+    it and goes under the results directory."""
+    if args.quick:
+        return Path(args.results) / "quick-docs"
+    if partial:
+        return Path(args.results) / "partial-docs"
+    return REPO / "docs"
 
 
 if __name__ == "__main__":
