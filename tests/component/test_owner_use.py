@@ -27,7 +27,6 @@ from modeld.supervisor.owner import ModelOwner
 from modeld.supervisor.records import RecordStore
 from modeld.supervisor.status import StatusChange
 from modeld.system.cgroup import CgroupLayout
-from modeld.system.inotify import DirectoryWatch
 
 DEMO = Path(__file__).resolve().parents[2] / "service" / "modeld" / "data" / "demo.txt"
 
@@ -70,7 +69,6 @@ class Host:
         self.systemd = FakeSystemd()
         self.observer = Observer()
         self.restarts: list[str] = []
-        self.watch = DirectoryWatch(runtime / "backends")
         self.context = OwnerContext(
             systemd=self.systemd,
             cgroups=CgroupLayout.detect(),
@@ -79,7 +77,6 @@ class Host:
             stop_timeout=5,
             resolve_backend=discover_backends([BUILTIN_BACKENDS_DIR]).resolve,
             default_user=None,
-            sockets=self.watch,
             records=RecordStore(runtime / "state"),
             restart=self.restarts.append,
         )
@@ -99,7 +96,6 @@ class Host:
     async def close(self) -> None:
         for owner in self.owners:
             await owner.close()
-        self.watch.close()
 
 
 @contextlib.asynccontextmanager
