@@ -297,3 +297,36 @@ def test_a_failed_load_starts_a_cooldown_that_force_skips_and_a_new_config_ends(
             assert a.status.retry_after_us == 0
 
     run(scenario)
+
+
+def test_lease_holders_may_reach_the_private_socket_while_their_lease_is_open(
+    tmp_path: Path,
+) -> None:
+    from modeld.system.acl import ACL_XATTR, decode_users
+
+    def users(path: Path) -> dict[int, int]:
+        try:
+            return decode_users(os.getxattr(path, ACL_XATTR))
+        except OSError:
+            return {}
+
+    async def scenario() -> None:
+        async with host(tmp_path) as h:
+            early = h.owner("a")
+            lease = early.open_lease(holder_uid=4242)  # before the backend exists
+            await (await early.request_load(after=None, gpu="", force=False))
+            socket = Path(early.status.endpoint.removeprefix("unix:"))
+            assert users(socket) == {4242: 6} and users(socket.parent) == {4242: 1}
+            second = early.open_lease(holder_uid=4343)
+            await h.observer.wait(lambda: early.status.in_flight == 2)
+            assert users(socket) == {4242: 6, 4343: 6}
+            early.close_lease(lease)
+            early.close_lease(second)
+            await h.observer.wait(lambda: early.status.in_flight == 0)
+            assert users(socket) == {} and users(socket.parent) == {}
+            root = early.open_lease(holder_uid=0)  # root needs no entry
+            await h.observer.wait(lambda: early.status.in_flight == 1)
+            assert users(socket) == {}
+            early.close_lease(root)
+
+    run(scenario)

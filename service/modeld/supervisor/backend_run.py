@@ -34,6 +34,7 @@ from modeld.supervisor.records import RecordStore
 from modeld.supervisor.spawn import Credentials, ExitStatus, GatedProcess, WatchedProcess
 from modeld.supervisor.systemd_api import SystemdApi
 from modeld.system import journal, journald
+from modeld.system.acl import EXECUTE, READ, WRITE, grant_users
 from modeld.system.backend_dir import (
     BACKEND_UMASK,
     prepare_backend_dir,
@@ -132,6 +133,11 @@ class BackendRun:
     relay: GatedProcess | None = None
     """The log relay that sends the backend's output to the journal (in its scope)."""
     relay_exited: asyncio.Event = field(default_factory=asyncio.Event)
+    socket_ready: bool = False
+    """The socket exists and is secured: admissions apply to it at once."""
+    admitted: frozenset[int] | None = None
+    """Users (lease holders) who may connect to the socket besides root and the backend
+    (None until the owner first says: what an earlier modeld granted is then undone)."""
     footprint_key: str = ""
     """The configuration it was started with (:func:`footprints.footprint_key`; "": unknown)."""
     memory_seen: int = 0
@@ -304,6 +310,8 @@ class BackendRun:
         with DirectoryWatch(self.socket.parent) as watch:
             await watch.wait_for(self.socket.name)
         secure_socket(self.socket)
+        self.socket_ready = True
+        self._apply_admission()
         await until_listening(self.socket)
         self.client = BackendClient(self.address)
         self.phase = "waiting for Health"
@@ -409,6 +417,29 @@ class BackendRun:
         self._remove_socket()
         context.records.remove(self.unit)
         return result
+
+    def admit(self, users: frozenset[int]) -> None:
+        """Let ``users`` (and no other user but root and the backend's) reach the socket:
+        an ACL on its private directory and on it, applied once the socket exists."""
+        if users != self.admitted:
+            self.admitted = users
+            if self.socket_ready:
+                self._apply_admission()
+
+    def _apply_admission(self) -> None:
+        if self.socket.name != BACKEND_SOCKET_NAME:
+            return  # a socket of a modeld from before private directories: not private
+        users = (self.admitted or frozenset()) - {0}
+        try:
+            grant_users(self.socket.parent, users, EXECUTE)
+            grant_users(self.socket, users, READ | WRITE)
+        except OSError as err:
+            log.warning(
+                "model %s: cannot let lease holders (uids %s) reach the backend: %s",
+                self.model,
+                ", ".join(map(str, sorted(users))) or "none",
+                err.strerror or err,
+            )
 
     def _remove_socket(self) -> None:
         """Remove the backend's private directory (or, for a backend started by a modeld

@@ -478,10 +478,11 @@ class Supervisor:
             queue.leave(had_slot=ticket.has_slot)
             owner.end_request(request)
 
-    async def acquire(self, name: str) -> Lease:
-        """Load ``name`` if needed and hand out a lease fd that keeps it in use."""
+    async def acquire(self, name: str, holder_uid: int | None = None) -> Lease:
+        """Load ``name`` if needed and hand out a lease fd that keeps it in use; while it
+        is open, ``holder_uid`` may connect to the backend's socket (the endpoint)."""
         owner = self.owner(name)
-        lease = owner.open_lease()
+        lease = owner.open_lease(holder_uid)
         try:
             await (await self.load(name))
         except BaseException:
