@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO / "service"))
 
 MODEL = "bench"
 API = Path("/run/modeld/api.sock")
-BACKEND = f"unix:/run/modeld/backends/{MODEL}.sock"
+BACKEND = f"unix:/run/modeld/backends/{MODEL}/backend.sock"
 PROMPT = "The sea"
 SHORT_TOKENS = 4
 

@@ -131,9 +131,9 @@ async def measure_tokens(rounds: int, tokens: int, gguf: str) -> dict[str, list[
     whole_body = json.dumps(body).encode()
     stream_body = json.dumps({**body, "stream": True}).encode()
     http = await Http.connect()
-    from modeld.naming import socket_stem
+    from modeld.naming import backend_socket
 
-    channel = grpc.aio.insecure_channel(f"unix:/run/modeld/backends/{socket_stem(MODEL)}.sock")
+    channel = grpc.aio.insecure_channel(f"unix:{backend_socket(Path('/run/modeld'), MODEL)}")
     stub = backend_pb2_grpc.BackendStub(channel)
     options = backend_pb2.PredictOptions(Prompt=PROMPT, Tokens=tokens, Temperature=0)
     llm = _in_process(gguf)
