@@ -191,7 +191,8 @@ class Daemon:
             await supervisor.shutdown()
             return 1
         if not sockets:
-            sockets = [bind_unix_socket(self._config.daemon.runtime_dir / "api.sock")]
+            path = self._config.daemon.runtime_dir / "api.sock"
+            sockets = [bind_unix_socket(path, 0o600 if per_user else 0o666)]
         http = HttpServer(supervisor, metrics=self._metrics)
         await http.start(sockets)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -88,6 +89,12 @@ def modeld(session: UserSession) -> Iterator[Modeld]:
         f"[Service]\nExecStart=\nExecStart={sys.executable} -m modeld --user\n"
         f"Environment=PYTHONPATH={REPO / 'service'}\n",
     )
+    services = session.home / ".local" / "share" / "dbus-1" / "services"
+    services.mkdir(parents=True)
+    (services / "org.modeld1.service").write_text(
+        (REPO / "systemd" / "user" / "org.modeld1.service").read_text()
+    )
+    session.chown_home()
     session.daemon_reload()
     session.systemctl("start", "modeld.socket")
     deployment = Modeld(session, config_dir)  # type: ignore[arg-type]
@@ -203,3 +210,41 @@ def test_stopping_modeld_leaves_nothing_behind(modeld: Modeld, session: UserSess
     assert modeld.backend_processes() == []
     assert modeld.http_get("/healthz")[0] == 200, "the socket starts modeld again"
     assert modeld.prop("demo", "State") == "unloaded"
+
+
+def test_a_dbus_call_starts_the_users_modeld(modeld: Modeld, session: UserSession) -> None:
+    """The session bus activates org.modeld1 through the user manager (SystemdService=)."""
+    session.systemctl("stop", "modeld.service")
+    assert session.show("modeld.service", "ActiveState") == "inactive"
+    models = modeld.call("ListModels")[0]
+    assert [m[0] for m in models] == ["demo"]
+    assert session.show("modeld.service", "ActiveState") == "active"
+
+
+def test_modeld_user_binds_its_socket_itself_without_activation(
+    modeld: Modeld, session: UserSession
+) -> None:
+    session.systemctl("stop", "modeld.socket", "modeld.service")
+    api = modeld.api_socket
+    stale = api.stat().st_ino if api.exists() else None  # the socket unit leaves its file
+    session.run(
+        "systemd-run",
+        "--user",
+        "--unit=modeld-by-hand",
+        "--property=Type=notify",
+        f"--setenv=PYTHONPATH={REPO / 'service'}",
+        sys.executable,
+        "-m",
+        "modeld",
+        "--user",
+    )
+    try:
+        assert api.is_socket()
+        assert api.stat().st_ino != stale
+        assert stat.S_IMODE(api.stat().st_mode) == 0o600
+        assert modeld.http_get("/healthz")[0] == 200
+        assert [m[0] for m in modeld.call("ListModels")[0]] == ["demo"]
+    finally:
+        session.systemctl("stop", "modeld-by-hand.service", check=False)
+    assert modeld.scopes() == []
+    session.systemctl("start", "modeld.socket")
