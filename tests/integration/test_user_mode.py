@@ -35,6 +35,10 @@ M = 1024 * 1024
 UNITS = ("modeld.slice", "modeld.socket", "modeld.service")
 MANAGER_CGROUP = f"/user.slice/user-{TEST_UID}.slice/user@{TEST_UID}.service"
 NOT_DELEGATED = "the memory controller is not delegated to the user manager"
+MODELS = {
+    "demo": reference_model(memory_max="256M"),
+    "oom": reference_model(memory_max="96M", options=("alloc_mb=400",)),
+}
 
 
 def system_units(sandbox: Sandbox) -> list[str]:
@@ -49,9 +53,12 @@ def _unavailable(reason: str) -> None:
     pytest.skip(f"systemd sandbox unavailable: {reason}")
 
 
-@pytest.fixture(scope="module")
-def session() -> Iterator[UserSession]:
-    """A sandbox of this module's own with the test user's manager running."""
+@pytest.fixture(scope="module", params=["memory-delegated", "memory-withheld"])
+def session(request: pytest.FixtureRequest) -> Iterator[UserSession]:
+    """A sandbox of this module's own with the test user's manager running: once with the
+    memory controller delegated to it (cgroup v2's default; emulated on v1), once without
+    (v1's default; not reproducible on a v2 host with memory accounting on, so skipped)."""
+    delegated = request.param == "memory-delegated"
     reason = missing_prerequisites()
     if reason:
         _unavailable(reason)
@@ -59,9 +66,13 @@ def session() -> Iterator[UserSession]:
         sandbox = Sandbox.boot()
     except SandboxError as err:
         _unavailable(str(err))
+    if not delegated and sandbox.cgroup_mode == "v2":
+        sandbox.stop()
+        pytest.skip("a v2 sandbox delegates memory to user managers")
     home = Path(tempfile.mkdtemp(prefix="modeld-user-", dir="/tmp"))
     try:
-        user = start_user_session(sandbox, home)
+        user = start_user_session(sandbox, home, delegate_v1_memory=delegated)
+        assert _memory_delegated(sandbox) == delegated
         try:
             yield user
         finally:
@@ -79,7 +90,8 @@ def modeld(session: UserSession) -> Iterator[Modeld]:
     """
     config_dir = session.home / ".config" / "modeld"
     (config_dir / "models.d").mkdir(parents=True)
-    (config_dir / "models.d" / "demo.toml").write_text(reference_model(memory_max="256M"))
+    for name, text in MODELS.items():
+        (config_dir / "models.d" / f"{name}.toml").write_text(text)
     session.chown_home()
     for name, text in user_units(UNITS, REPO).items():
         session.install_unit(name, text)
@@ -132,9 +144,12 @@ def test_a_model_runs_in_a_scope_of_the_user_manager(modeld: Modeld, session: Us
     warnings = sandbox.journal().count(NOT_DELEGATED)
     if _memory_delegated(sandbox):
         assert sandbox.memory_max(control_group) == 256 * M
+        assert modeld.prop("demo", "MemoryCurrent") > 0
         assert warnings == 0
     else:
         assert warnings == 1, "modeld should say once that memory limits do not apply"
+        assert not sandbox.memcg_path(control_group).exists()
+        assert modeld.prop("demo", "MemoryCurrent") == 0
 
     status, body = modeld.http_post(
         "/v1/completions", {"model": "demo", "prompt": "The sea", "max_tokens": 4}
@@ -146,6 +161,19 @@ def test_a_model_runs_in_a_scope_of_the_user_manager(modeld: Modeld, session: Us
     assert modeld.prop("demo", "State") == "unloaded"
     assert modeld.leftovers("demo") == []
     assert modeld.scopes() == []
+
+
+def test_a_backend_over_its_memory_limit_is_reported_as_oom(
+    modeld: Modeld, session: UserSession
+) -> None:
+    if not _memory_delegated(session.sandbox):
+        pytest.skip("without the memory controller there is no limit to exceed")
+    failed = modeld.load("oom", check=False)
+    assert failed.returncode != 0
+    assert modeld.prop("oom", "State") == "failed"
+    last_error = modeld.prop("oom", "LastError")
+    assert "killed by SIGKILL after exceeding its memory limit (96.0 MiB)" in last_error
+    assert modeld.leftovers("oom") == []
 
 
 def _memory_delegated(sandbox: Sandbox) -> bool:
@@ -172,10 +200,10 @@ def test_modeldctl_user_talks_to_the_users_modeld(modeld: Modeld, session: UserS
     assert status["version"] == __version__
     assert status["loaded_count"] == 0
     listed = json.loads(session.run(*cli, "list", "--json").stdout)
-    assert [m["name"] for m in listed["models"]] == ["demo"]
+    assert [m["name"] for m in listed["models"]] == list(MODELS)
     checked = json.loads(session.run(*cli, "config", "check", "--json").stdout)
     assert checked["source"] is None
-    assert checked["models"] == ["demo"]
+    assert checked["models"] == list(MODELS)
     without = session.run(*cli[:-1], "status", check=False)
     assert without.returncode == 1, "without --user modeldctl must not find the user's modeld"
     assert "system bus" in without.stderr
@@ -217,7 +245,7 @@ def test_a_dbus_call_starts_the_users_modeld(modeld: Modeld, session: UserSessio
     session.systemctl("stop", "modeld.service")
     assert session.show("modeld.service", "ActiveState") == "inactive"
     models = modeld.call("ListModels")[0]
-    assert [m[0] for m in models] == ["demo"]
+    assert [m[0] for m in models] == list(MODELS)
     assert session.show("modeld.service", "ActiveState") == "active"
 
 
@@ -243,7 +271,7 @@ def test_modeld_user_binds_its_socket_itself_without_activation(
         assert api.stat().st_ino != stale
         assert stat.S_IMODE(api.stat().st_mode) == 0o600
         assert modeld.http_get("/healthz")[0] == 200
-        assert [m[0] for m in modeld.call("ListModels")[0]] == ["demo"]
+        assert [m[0] for m in modeld.call("ListModels")[0]] == list(MODELS)
     finally:
         session.systemctl("stop", "modeld-by-hand.service", check=False)
     assert modeld.scopes() == []

@@ -157,13 +157,28 @@ def _make_reachable(sandbox: Sandbox, executable: str) -> None:
         return
 
 
+# systemd never hands a v1 controller hierarchy to an unprivileged manager; a user manager
+# uses the v1 memory controller when its memory cgroup is writable to it when it starts.
+_V1_MEMORY_DELEGATION = (
+    "[Service]\nExecStartPre=+/bin/chown -R %i:%i "
+    "/sys/fs/cgroup/memory/user.slice/user-%i.slice/user@%i.service\n"
+)
+
+
 def start_user_session(
-    sandbox: Sandbox, home: Path, uid: int = TEST_UID, *, python: str = sys.executable
+    sandbox: Sandbox,
+    home: Path,
+    uid: int = TEST_UID,
+    *,
+    python: str = sys.executable,
+    delegate_v1_memory: bool = False,
 ) -> UserSession:
     """Create the test user, start ``user@UID.service`` and wait for its session bus.
 
     ``home`` (a host directory under /tmp, shared with the sandbox) becomes the user's home;
     ``python`` is made reachable for the user. Changes only the sandbox's mount namespace.
+    ``delegate_v1_memory``: on a v1/hybrid host, give the user manager its memory cgroup (what
+    cgroup v2 does by default), so that memory limits on its units apply.
     """
     home.mkdir(parents=True, exist_ok=True)
     home.chmod(0o755)
@@ -172,12 +187,17 @@ def start_user_session(
     for unit in ("user@.service", "user-runtime-dir@.service"):
         sandbox.install_unit(unit, (SYSTEM_UNITS / unit).read_text(), reload=False)
     sandbox.install_dropin(
-        "user@.service", "50-runtime-dir", "[Service]\nEnvironment=XDG_RUNTIME_DIR=/run/user/%i\n"
+        "user@.service",
+        "50-runtime-dir",
+        "[Service]\nEnvironment=XDG_RUNTIME_DIR=/run/user/%i\n",
+        reload=False,
     )
+    if delegate_v1_memory and sandbox.cgroup_mode != "v2":
+        sandbox.install_dropin("user@.service", "50-memory", _V1_MEMORY_DELEGATION, reload=False)
+    sandbox.daemon_reload()
     session = UserSession(sandbox, uid, home)
     session.chown_home()
     sandbox.systemctl("start", f"user@{uid}.service")
-    session.systemctl("is-system-running", "--wait")
     return session
 
 
