@@ -22,6 +22,7 @@ import pytest
 from sandbox import Sandbox, SandboxError, missing_prerequisites
 from sandbox.deploy import REPO, Modeld, reference_model
 from sandbox.user_session import (
+    SYSTEM_UNITS,
     TEST_UID,
     UserSession,
     start_user_session,
@@ -47,6 +48,16 @@ def system_units(sandbox: Sandbox) -> list[str]:
     return [line.split()[0] for line in out.splitlines() if line.strip()]
 
 
+def _missing_user_session() -> str | None:
+    for path, package in (
+        (SYSTEM_UNITS / "user@.service", "systemd"),
+        (Path("/usr/lib/systemd/user/dbus.socket"), "dbus-user-session"),
+    ):
+        if not path.exists():
+            return f"{path} is missing (Debian package {package})"
+    return None
+
+
 def _unavailable(reason: str) -> None:
     if os.environ.get("MODELD_REQUIRE_SANDBOX") == "1":
         pytest.fail(f"MODELD_REQUIRE_SANDBOX=1 but the sandbox is unusable: {reason}")
@@ -59,7 +70,7 @@ def session(request: pytest.FixtureRequest) -> Iterator[UserSession]:
     memory controller delegated to it (cgroup v2's default; emulated on v1), once without
     (v1's default; not reproducible on a v2 host with memory accounting on, so skipped)."""
     delegated = request.param == "memory-delegated"
-    reason = missing_prerequisites()
+    reason = missing_prerequisites() or _missing_user_session()
     if reason:
         _unavailable(reason)
     try:
