@@ -127,8 +127,11 @@ class Supervisor:
         decide: DecideFunction = decide_load,
         watch_pressure: bool = True,
         state_dir: Path | None = None,
+        slice_cgroup: str = "/" + SLICE,
     ) -> None:
-        """``state_dir``: where learned footprints persist (None: in memory only)."""
+        """``state_dir``: where learned footprints persist (None: in memory only).
+        ``slice_cgroup``: the cgroup of modeld.slice (below a user manager's own cgroup for
+        a per-user modeld), whose memory pressure is watched."""
         self.config = config
         self._state_dir = state_dir
         self._systemd = systemd
@@ -137,7 +140,7 @@ class Supervisor:
         self._default_user = default_user
         self._owners: dict[str, ModelOwner] = {}
         self.gpu = gpu or NullProbe()
-        self._pressure_path = pressure_file("/" + SLICE) if watch_pressure else None
+        self._pressure_path = pressure_file(slice_cgroup) if watch_pressure else None
         path = self._pressure_path
         self.max_loaded = config.daemon.max_loaded
         self._scheduler = Scheduler(
