@@ -256,16 +256,11 @@ class Daemon:
                 self._notifier.ready(f"reload failed: {err}")
                 raise InvalidConfig(str(err)) from None
             assert self._supervisor is not None and self._service is not None
-            max_loaded = self._supervisor.max_loaded
             added, removed = await self._supervisor.reload(config)
             previous, self._config = self._config, config
-            self._service.sync_models()
+            self._service.sync_models()  # sends the properties the reload changed
             self._metrics.sync_models(config.models)
             self._metrics.memory_budget = config.daemon.memory_budget
-            if self._supervisor.max_loaded != max_loaded:
-                self._service.manager.emit_properties_changed(
-                    {"MaxLoaded": self._supervisor.max_loaded}
-                )
             log.info(
                 "configuration reloaded: %d models (%d added, %d removed)",
                 len(config.models),
