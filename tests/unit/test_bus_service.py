@@ -331,8 +331,8 @@ def test_use_granted_by_polkit_loads_but_pins_force_and_pinned_unloads_need_mana
     force = {"force": Variant("b", True)}
     no_wait = {"wait": Variant("b", False)}
 
-    def answer(action: str, details: dict[str, str]) -> tuple[bool, bool]:
-        return action in granted and details.get("org.modeld1.model") != "other", False
+    def answer(action: str, _details: dict[str, str]) -> tuple[bool, bool]:
+        return action in granted, False
 
     async def scenario(service: ModeldMessageBus, client: MessageBus) -> None:
         BusService(service, supervisor, never_reload, authorizer=AsUid(service, 4242)).sync_models()
@@ -359,12 +359,19 @@ def test_use_granted_by_polkit_loads_but_pins_force_and_pinned_unloads_need_mana
                 "org.modeld1.use",
                 "org.modeld1.manage",
             ]
+            supervisor.unloading = None
+            waiting = asyncio.ensure_future(caller.error(demo, MODEL, "Unload", "a{sv}", [{}]))
+            (await started(supervisor)).set_exception(PinnedModel("demo is pinned"))  # meanwhile
+            err = await waiting
+            assert err.type == ACCESS_DENIED
+            assert err.text == "Unload demo (pinned) needs org.modeld1.manage: demo is pinned"
             granted.add("org.modeld1.manage")  # now the pinned model's unload is allowed
             await caller(keep, MODEL, "Unload", "a{sv}", [no_wait])
 
     run(bus_address, scenario)
     assert supervisor.changes == [
         ("load", "demo", False),
+        ("unload", "demo", False),
         ("unload", "demo", False),
         ("unload", "keep", False),
     ]

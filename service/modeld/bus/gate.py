@@ -22,7 +22,7 @@ from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
 from modeld.bus import api
-from modeld.bus.authorization import Action, Authorizer, Call, Caller, rule_of, serve_as
+from modeld.bus.authorization import Action, Authorizer, Call, rule_of, serve_as
 from modeld.bus.connection import (
     INTERNAL_ERROR,
     DBusError,
@@ -206,7 +206,7 @@ class Gate:
         if action is None:
             return True
         try:
-            caller: Caller = await self._authorizer.authorize(action, call)
+            caller = await self._authorizer.authorize(action, call)
         except ModeldError as err:
             self._deny(msg, err.message, err.dbus_name)
             return False

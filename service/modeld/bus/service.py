@@ -42,7 +42,7 @@ from modeld.bus.signatures import (
     UINT32,
     UINT64,
 )
-from modeld.errors import InvalidArgs, ModeldError, PinnedModel
+from modeld.errors import AccessDenied, InvalidArgs, ModeldError, PinnedModel
 from modeld.naming import MANAGER_INTERFACE, MANAGER_PATH, MODEL_INTERFACE, model_object_path
 from modeld.supervisor.registry import Supervisor
 from modeld.supervisor.status import ModelStatus, StatusChange
@@ -152,7 +152,10 @@ class _Requests:
             await caller.require(Action.MANAGE, f"Unload {name} (pinned)")
             done = await self.supervisor.unload(name, force=force, manage=True)
         if wait:
-            await done
+            try:
+                await done
+            except PinnedModel as err:  # pinned while the unload waited for the model's use
+                raise AccessDenied(f"Unload {name} (pinned) needs {Action.MANAGE}: {err}") from None
         else:
             _consume(done)
 
