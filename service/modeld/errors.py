@@ -68,6 +68,17 @@ class AccessDenied(ModeldError):
     dbus_name = ERROR_PREFIX + "AccessDenied"
 
 
+class InteractiveAuthorizationRequired(AccessDenied):
+    """polkit would authorize after authentication, but the call did not allow interaction
+    (D-Bus header flag ALLOW_INTERACTIVE_AUTHORIZATION): the caller may retry with it."""
+
+    dbus_name = "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired"
+
+
+class PinnedModel(AccessDenied):
+    """The owner refused an unload of a pinned model by a caller not authorized to manage."""
+
+
 class InvalidArgs(ModeldError):
     dbus_name = "org.freedesktop.DBus.Error.InvalidArgs"
 

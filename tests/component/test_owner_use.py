@@ -19,7 +19,7 @@ from fakes import FakeSystemd, model_config
 from modeld.core.effects import EvictionRefused
 from modeld.core.states import ModelState
 from modeld.discovery import BUILTIN_BACKENDS_DIR, discover_backends
-from modeld.errors import InCooldown, LoadFailed
+from modeld.errors import InCooldown, LoadFailed, PinnedModel
 from modeld.rpc import backend_pb2
 from modeld.supervisor import owner as owner_module
 from modeld.supervisor.backend_run import OwnerContext
@@ -200,17 +200,42 @@ def test_a_forced_eviction_interrupts_work_but_never_a_pin(tmp_path: Path) -> No
     run(scenario)
 
 
-def test_an_explicit_unload_waits_for_a_lease_and_ignores_the_pin(tmp_path: Path) -> None:
+def test_a_pin_refuses_an_explicit_unload_unless_the_caller_may_manage(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with host(tmp_path) as h:
             a = await h.loaded("a", "pinned = true\n")
+            with pytest.raises(PinnedModel, match="a is pinned: only a caller authorized"):
+                await a.request_unload("requested")
+            with pytest.raises(PinnedModel):
+                await a.request_unload("requested", force=True)
+            assert a.status.state is ModelState.READY
             lease = a.open_lease()
-            done = await a.request_unload("requested")
+            done = await a.request_unload("requested", manage=True)
             await h.observer.wait(lambda: a.status.in_flight == 1)
-            assert not done.done()
+            assert not done.done()  # waits for the lease, pinned or not
             assert a.status.state is ModelState.BUSY
             a.close_lease(lease)
             await done
+            assert h.observer.unloads == [("a", "requested")]
+
+    run(scenario)
+
+
+def test_a_pin_set_while_unloads_wait_refuses_those_of_callers_who_may_not_manage(
+    tmp_path: Path,
+) -> None:
+    async def scenario() -> None:
+        async with host(tmp_path) as h:
+            a = await h.loaded("a")
+            lease = a.open_lease()
+            use_only = await a.request_unload("requested")
+            managed = await a.request_unload("requested", manage=True)
+            a.set_pinned(True)
+            with pytest.raises(PinnedModel, match="a is pinned"):
+                await use_only
+            assert not managed.done()
+            a.close_lease(lease)
+            await managed
             assert h.observer.unloads == [("a", "requested")]
 
     run(scenario)

@@ -4,6 +4,9 @@
   project's D-Bus policy (systemd/org.modeld1.conf, if present) and DBUS_POLICY_FILES.
 - ``sandbox_units`` (function): the same instance; units installed through it during the
   test are stopped and removed afterwards.
+- ``polkit_sandbox`` (module): an instance of the module's own, with the real polkitd's files
+  in place (the project's polkit policy, the rules in ``polkit_rules``); tests start and stop
+  polkitd themselves. It is not the session's sandbox, where polkitd never runs.
 
 Tests marked ``systemd`` are skipped when the sandbox cannot run here (not root, tools
 missing) or fails to boot, unless MODELD_REQUIRE_SANDBOX=1 (CI): then they fail.
@@ -22,10 +25,11 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the sandbox package
 
-from sandbox import Sandbox, SandboxError, live_sandboxes, missing_prerequisites
+from sandbox import Sandbox, SandboxError, live_sandboxes, missing_prerequisites, polkit_missing
 
 REPO = Path(__file__).resolve().parents[2]
 MODELD_POLICY = REPO / "systemd" / "org.modeld1.conf"
+MODELD_POLKIT_POLICY = REPO / "systemd" / "org.modeld1.policy"
 JOURNAL_TAIL = 200
 
 
@@ -73,6 +77,32 @@ def sandbox() -> Iterator[Sandbox]:
         yield sb
     finally:
         sb.stop()  # raises (an error in the last test's teardown) if anything is left
+
+
+@pytest.fixture(scope="module")
+def polkit_rules(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The directory the ``polkit_sandbox``'s polkitd reads as /etc/polkit-1/rules.d."""
+    return tmp_path_factory.mktemp("polkit-rules")
+
+
+@pytest.fixture(scope="module")
+def polkit_sandbox(polkit_rules: Path) -> Iterator[Sandbox]:
+    """A sandbox of the module's own, ready to run the real polkitd (not started yet)."""
+    reason = missing_prerequisites() or polkit_missing()
+    if reason:
+        _unavailable(reason)
+    error = None
+    try:
+        sb = Sandbox.boot(dbus_policy_files=_policy_files())
+    except SandboxError as e:
+        error = str(e)
+    if error is not None:
+        _unavailable(error)
+    try:
+        sb.setup_polkit([MODELD_POLKIT_POLICY], polkit_rules)
+        yield sb
+    finally:
+        sb.stop()
 
 
 @pytest.fixture

@@ -305,7 +305,11 @@ def test_restart_on_failure_loads_a_crashed_model_again(modeld: Modeld) -> None:
     assert_nothing_left(modeld, "phoenix")
 
 
-def test_only_root_may_change_state_but_everyone_may_read(modeld: Modeld) -> None:
+def test_without_polkitd_only_root_may_change_state_but_everyone_may_read(
+    modeld: Modeld,
+) -> None:
+    """The session's sandbox runs no polkitd: modeld fails closed (tests/integration/
+    test_polkit.py has the real polkitd)."""
     nobody = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "busctl")
     sb = modeld.sandbox
     denied = sb.exec(
@@ -321,7 +325,10 @@ def test_only_root_may_change_state_but_everyone_may_read(modeld: Modeld) -> Non
         check=False,
     )
     assert denied.returncode != 0
-    assert "uid 65534 may not change modeld's state" in denied.stderr
+    assert (
+        "Load demo needs org.modeld1.use: uid 65534 is refused because polkit could not be asked"
+        in denied.stderr
+    )
     write = sb.exec(
         *nobody,
         "set-property",
@@ -333,7 +340,7 @@ def test_only_root_may_change_state_but_everyone_may_read(modeld: Modeld) -> Non
         "3",
         check=False,
     )
-    assert write.returncode != 0 and "may not change" in write.stderr
+    assert write.returncode != 0 and "set MaxLoaded needs org.modeld1.manage" in write.stderr
     assert modeld.manager_prop("MaxLoaded") == 0
     read = sb.exec(
         *nobody,

@@ -13,6 +13,7 @@ from .fixture import (
     default_name,
     live_sandboxes,
     missing_prerequisites,
+    polkit_missing,
 )
 
 __all__ = [
@@ -25,4 +26,5 @@ __all__ = [
     "default_name",
     "live_sandboxes",
     "missing_prerequisites",
+    "polkit_missing",
 ]

@@ -28,6 +28,10 @@ NS_BUS_ADDRESS = "unix:path=/run/dbus/system_bus_socket"  # the bus as seen insi
 BOOT_TIMEOUT = 30.0
 STOP_TIMEOUT = 20.0
 _TOOLS = ("unshare", "nsenter", "setpriv", "busctl", "journalctl", "flock", "dbus-daemon")
+POLKITD = Path("/usr/lib/polkit-1/polkitd")
+POLKIT_UNIT = Path("/lib/systemd/system/polkit.service")
+POLKIT_ACTIONS = "/usr/share/polkit-1/actions"
+POLKIT_RULES = "/etc/polkit-1/rules.d"
 _names = itertools.count()
 
 
@@ -56,6 +60,12 @@ def missing_prerequisites() -> str | None:
     if missing:
         return "missing: " + ", ".join(missing)
     return None
+
+
+def polkit_missing() -> str | None:
+    """Why the real polkitd cannot run in a sandbox here (package polkitd), or None."""
+    missing = [str(p) for p in (POLKITD, POLKIT_UNIT) if not p.exists()]
+    return "missing: " + ", ".join(missing) if missing else None
 
 
 def default_name() -> str:
@@ -404,6 +414,33 @@ class Sandbox:
             "ReloadConfig",
         )
         return path
+
+    # ---------------------------------------------------------------- polkit
+    def setup_polkit(self, actions: Iterable[str | os.PathLike[str]], rules_dir: Path) -> None:
+        """Give polkitd its files inside the instance (before :meth:`start_polkit`).
+
+        The distro's actions plus the policy files ``actions`` are bind-mounted (inside the
+        instance's mount namespace only) over /usr/share/polkit-1/actions, and
+        ``rules_dir`` (a host directory under /tmp, which the instance shares) over
+        /etc/polkit-1/rules.d. polkitd runs as its own user: both are made readable to it.
+        """
+        staged = self.base / "polkit-actions"
+        staged.mkdir(exist_ok=True)
+        for policy in [*Path(POLKIT_ACTIONS).glob("*.policy"), *map(Path, actions)]:
+            shutil.copyfile(policy, staged / policy.name)
+        for directory in (staged, rules_dir):
+            directory.chmod(0o755)
+        self.exec("mount", "--bind", str(staged), POLKIT_ACTIONS)
+        self.exec("mount", "--bind", str(rules_dir), POLKIT_RULES)
+
+    def start_polkit(self) -> None:
+        """Run the distro's polkit.service (the real polkitd) on the instance's bus."""
+        self.install_unit("polkit.service", POLKIT_UNIT.read_text())
+        self.systemctl("start", "polkit.service")
+
+    def stop_polkit(self) -> None:
+        """Stop polkitd and remove its unit, so that no bus activation brings it back."""
+        self.remove_units(["polkit.service"])
 
     # ---------------------------------------------------------------- logs
     def journal(

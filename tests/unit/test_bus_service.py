@@ -1,8 +1,9 @@
 """modeld's D-Bus service over a private dbus-daemon: the gate (deny by default), Unload.
 
 The real BusService and Gate serve a fake supervisor; the caller's uid comes from an
-Authorizer whose uid lookup is replaced (the tests run as one user), so the real check and
-its error text are exercised.
+Authorizer whose uid lookup is replaced (the tests run as one user), and polkitd is a fake
+Authority on the same bus (or absent), so the real check, the real CheckAuthorization call
+and the error texts are exercised.
 """
 
 import asyncio
@@ -16,15 +17,17 @@ from typing import Any
 
 import pytest
 from dbus_next.aio.message_bus import MessageBus
-from dbus_next.service import method
+from dbus_next.constants import MessageFlag
+from dbus_next.message import Message
+from dbus_next.service import ServiceInterface, method
 from dbus_next.signature import Variant
 
 from modeld.bus import gate as gate_module
-from modeld.bus.authorization import Action, Authorizer
+from modeld.bus.authorization import Action, Authorizer, Call, Caller
 from modeld.bus.connection import DBusError, ModeldMessageBus
 from modeld.bus.gate import ExportError, Gate
 from modeld.bus.service import BusService, ManagerInterface, _Requests
-from modeld.errors import Busy, NoSuchModel
+from modeld.errors import Busy, NoSuchModel, PinnedModel
 from modeld.naming import MANAGER_PATH, model_object_path
 from modeld.supervisor.status import ModelStatus
 from modeld.system.dbus import call
@@ -83,8 +86,11 @@ class FakeSupervisor:
         done.set_result(None)
         return done
 
-    async def unload(self, name: str, *, force: bool = False) -> asyncio.Future[None]:
-        self.owner(name)
+    async def unload(
+        self, name: str, *, force: bool = False, manage: bool = False
+    ) -> asyncio.Future[None]:
+        if self.owner(name).status.pinned and not manage:  # as the owner decides
+            raise PinnedModel(f"{name} is pinned")
         self.changes.append(("unload", name, force))
         self.unloading = asyncio.get_running_loop().create_future()
         return self.unloading
@@ -103,17 +109,58 @@ class FakeSupervisor:
 class AsUid(Authorizer):
     """The real check, for a caller with a fixed uid; remembers what it was asked."""
 
-    def __init__(self, uid: int) -> None:
-        super().__init__(bus=None)  # type: ignore[arg-type]
+    def __init__(self, bus: MessageBus, uid: int) -> None:
+        super().__init__(bus)
         self.uid = uid
         self.asked: list[tuple[str, str]] = []
 
     async def uid_of(self, sender: str) -> int:
         return self.uid
 
-    async def check(self, action: Action, sender: str | None, what: str) -> None:
-        self.asked.append((str(action), what))
-        await super().check(action, sender, what)
+    async def authorize(self, action: Action, call: Call) -> Caller:
+        self.asked.append((str(action), call.what))
+        return await super().authorize(action, call)
+
+
+SUBJECT, STR, DETAILS, FLAGS, RESULT = "(sa{sv})", "s", "a{ss}", "u", "(bba{ss})"
+
+Answer = Callable[[str, dict[str, str]], tuple[bool, bool]]
+
+
+class FakePolkit(ServiceInterface):
+    """polkitd's Authority: ``answer(action, details)`` is (authorized, challenge); every
+    CheckAuthorization is recorded."""
+
+    def __init__(self, answer: Answer) -> None:
+        super().__init__("org.freedesktop.PolicyKit1.Authority")
+        self.answer = answer
+        self.checks: list[tuple[Any, ...]] = []
+
+    @method()
+    def CheckAuthorization(
+        self, subject: SUBJECT, action_id: STR, details: DETAILS, flags: FLAGS, cancel: STR
+    ) -> RESULT:
+        self.checks.append(
+            (subject[0], subject[1]["name"].value, action_id, details, flags, cancel)
+        )
+        authorized, challenge = self.answer(action_id, details)
+        return [authorized, challenge, {}]
+
+
+@contextlib.asynccontextmanager
+async def polkitd(address: str, answer: Answer) -> AsyncIterator[FakePolkit]:
+    """A fake polkitd owning org.freedesktop.PolicyKit1 on the bus at ``address``."""
+    bus = await MessageBus(bus_address=address).connect()
+    authority = FakePolkit(answer)
+    bus.export("/org/freedesktop/PolicyKit1/Authority", authority)
+    await bus.request_name("org.freedesktop.PolicyKit1")
+    try:
+        yield authority
+    finally:
+        bus.disconnect()
+        await bus.wait_for_disconnect()
+        bus._stream.close()
+        bus._sock.close()
 
 
 @contextlib.asynccontextmanager
@@ -172,11 +219,10 @@ async def never_reload() -> None:
     raise AssertionError("reloaded")
 
 
-def test_every_state_change_is_refused_before_it_runs_naming_its_action(
+def test_without_polkitd_every_state_change_is_refused_before_it_runs_naming_its_action(
     bus_address: str,
 ) -> None:
     supervisor = FakeSupervisor()
-    nobody = AsUid(65534)
     force = {"force": Variant("b", True)}
     demo, keep = model_object_path("demo"), model_object_path("keep")
     calls: list[tuple[tuple[Any, ...], str, str]] = [
@@ -184,45 +230,165 @@ def test_every_state_change_is_refused_before_it_runs_naming_its_action(
         ((MANAGER_PATH, MANAGER, "Load", "sa{sv}", ["demo", force]), "manage", "Load demo"),
         ((MANAGER_PATH, MANAGER, "Unload", "sa{sv}", ["demo", {}]), "use", "Unload demo"),
         ((MANAGER_PATH, MANAGER, "Unload", "sa{sv}", ["demo", force]), "manage", "Unload demo"),
-        ((MANAGER_PATH, MANAGER, "Unload", "sa{sv}", ["keep", {}]), "manage", "Unload keep"),
+        ((MANAGER_PATH, MANAGER, "Unload", "sa{sv}", ["keep", {}]), "use", "Unload keep"),
         ((MANAGER_PATH, MANAGER, "Acquire", "sa{sv}", ["demo", {}]), "use", "Acquire demo"),
         ((MANAGER_PATH, MANAGER, "Reload"), "manage", "Reload"),
         ((demo, MODEL, "Load", "a{sv}", [{}]), "use", "Load demo"),
         ((demo, MODEL, "Load", "a{sv}", [force]), "manage", "Load demo"),
         ((demo, MODEL, "Unload", "a{sv}", [{}]), "use", "Unload demo"),
-        ((keep, MODEL, "Unload", "a{sv}", [{}]), "manage", "Unload keep"),
+        ((keep, MODEL, "Unload", "a{sv}", [{}]), "use", "Unload keep"),
         ((demo, MODEL, "SetPinned", "b", [True]), "manage", "SetPinned demo"),
     ]
 
     async def scenario(service: ModeldMessageBus, client: MessageBus) -> None:
+        nobody = AsUid(service, 65534)
         BusService(service, supervisor, never_reload, authorizer=nobody).sync_models()
         caller = Caller(client, service)
         for target, action, what in calls:
             err = await caller.error(*target)
             assert err.type == ACCESS_DENIED, (target, err.text)
-            assert err.text == (
-                f"{what} needs org.modeld1.{action}: uid 65534 may not change modeld's state;"
-                " only root may (polkit authorization is not supported yet)"
-            )
+            assert err.text.startswith(
+                f"{what} needs org.modeld1.{action}: uid 65534 is refused because polkit"
+                " could not be asked ("
+            ), err.text
         with pytest.raises(DBusError) as raised:
             await caller.set_property("MaxLoaded", Variant("u", 3))
         assert raised.value.type == ACCESS_DENIED
         assert raised.value.text.startswith("set MaxLoaded needs org.modeld1.manage: uid 65534")
+        assert nobody.asked == [
+            *((f"org.modeld1.{action}", what) for _, action, what in calls),
+            ("org.modeld1.manage", "set MaxLoaded"),
+        ]
 
     run(bus_address, scenario)
     assert supervisor.changes == []
     assert supervisor.max_loaded == 0
-    assert nobody.asked == [
-        *((f"org.modeld1.{action}", what) for _, action, what in calls),
-        ("org.modeld1.manage", "set MaxLoaded"),
+
+
+def with_flags(message: Message, flags: MessageFlag) -> Message:
+    message.flags = flags
+    return message
+
+
+def test_polkit_is_asked_about_the_callers_bus_name_with_the_model_and_its_flag(
+    bus_address: str,
+) -> None:
+    supervisor = FakeSupervisor()
+    answers = {"org.modeld1.use": (False, True), "org.modeld1.manage": (False, False)}
+
+    async def scenario(service: ModeldMessageBus, client: MessageBus) -> None:
+        BusService(service, supervisor, never_reload, authorizer=AsUid(service, 4242)).sync_models()
+        caller = Caller(client, service)
+        async with polkitd(bus_address, lambda action, _d: answers[action]) as polkit:
+            err = await caller.error(MANAGER_PATH, MANAGER, "Load", "sa{sv}", ["demo", {}])
+            assert err.type == "org.freedesktop.DBus.Error.InteractiveAuthorizationRequired"
+            assert err.text == (
+                "Load demo needs org.modeld1.use: uid 4242 must authenticate, and the call"
+                " does not allow interactive authorization"
+            )
+            interactive = Message(
+                destination=service.unique_name,
+                path=model_object_path("demo"),
+                interface=MODEL,
+                member="Load",
+                signature="a{sv}",
+                body=[{}],
+                flags=MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION,
+            )
+            reply = await client.call(interactive)
+            assert reply is not None and reply.error_name == ACCESS_DENIED
+            assert reply.body == [
+                "Load demo needs org.modeld1.use: uid 4242 is not authorized by polkit"
+            ]
+            err = await caller.error(MANAGER_PATH, MANAGER, "Reload")
+            assert (
+                err.text == "Reload needs org.modeld1.manage: uid 4242 is not authorized by polkit"
+            )
+            assert polkit.checks == [
+                (
+                    "system-bus-name",
+                    client.unique_name,
+                    "org.modeld1.use",
+                    {"org.modeld1.model": "demo"},
+                    0,
+                    "",
+                ),
+                (
+                    "system-bus-name",
+                    client.unique_name,
+                    "org.modeld1.use",
+                    {"org.modeld1.model": "demo"},
+                    1,
+                    "",
+                ),
+                ("system-bus-name", client.unique_name, "org.modeld1.manage", {}, 0, ""),
+            ]
+
+    run(bus_address, scenario)
+    assert supervisor.changes == []
+
+
+def test_use_granted_by_polkit_loads_but_pins_force_and_pinned_unloads_need_manage(
+    bus_address: str,
+) -> None:
+    supervisor = FakeSupervisor()
+    granted = {"org.modeld1.use"}
+    force = {"force": Variant("b", True)}
+    no_wait = {"wait": Variant("b", False)}
+
+    def answer(action: str, _details: dict[str, str]) -> tuple[bool, bool]:
+        return action in granted, False
+
+    async def scenario(service: ModeldMessageBus, client: MessageBus) -> None:
+        BusService(service, supervisor, never_reload, authorizer=AsUid(service, 4242)).sync_models()
+        caller = Caller(client, service)
+        demo, keep = model_object_path("demo"), model_object_path("keep")
+        async with polkitd(bus_address, answer) as polkit:
+            assert await caller(demo, MODEL, "Load", "a{sv}", [{}]) == [demo]
+            await caller(MANAGER_PATH, MANAGER, "Unload", "sa{sv}", ["demo", no_wait])
+            for target, text in [
+                ((demo, MODEL, "Load", "a{sv}", [force]), "Load demo needs org.modeld1.manage"),
+                (
+                    (demo, MODEL, "SetPinned", "b", [True]),
+                    "SetPinned demo needs org.modeld1.manage",
+                ),
+                (
+                    (keep, MODEL, "Unload", "a{sv}", [{}]),
+                    "Unload keep (pinned) needs org.modeld1.manage",
+                ),
+            ]:
+                err = await caller.error(*target)
+                assert err.type == ACCESS_DENIED
+                assert err.text == f"{text}: uid 4242 is not authorized by polkit"
+            assert [check[2] for check in polkit.checks][-2:] == [
+                "org.modeld1.use",
+                "org.modeld1.manage",
+            ]
+            supervisor.unloading = None
+            waiting = asyncio.ensure_future(caller.error(demo, MODEL, "Unload", "a{sv}", [{}]))
+            (await started(supervisor)).set_exception(PinnedModel("demo is pinned"))  # meanwhile
+            err = await waiting
+            assert err.type == ACCESS_DENIED
+            assert err.text == "Unload demo (pinned) needs org.modeld1.manage: demo is pinned"
+            granted.add("org.modeld1.manage")  # now the pinned model's unload is allowed
+            await caller(keep, MODEL, "Unload", "a{sv}", [no_wait])
+
+    run(bus_address, scenario)
+    assert supervisor.changes == [
+        ("load", "demo", False),
+        ("unload", "demo", False),
+        ("unload", "demo", False),
+        ("unload", "keep", False),
     ]
 
 
 def test_reads_are_open_and_ask_nobody(bus_address: str) -> None:
     supervisor = FakeSupervisor()
-    nobody = AsUid(65534)
+    asked: list[tuple[str, str]] = []
 
     async def scenario(service: ModeldMessageBus, client: MessageBus) -> None:
+        nobody = AsUid(service, 65534)
+        nobody.asked = asked
         BusService(service, supervisor, never_reload, authorizer=nobody).sync_models()
         caller = Caller(client, service)
         (models,) = await caller(MANAGER_PATH, MANAGER, "ListModels")
@@ -246,20 +412,27 @@ def test_reads_are_open_and_ask_nobody(bus_address: str) -> None:
         assert access["Version"] == "read"
 
     run(bus_address, scenario)
-    assert nobody.asked == []
+    assert asked == []
     assert supervisor.changes == []
 
 
-def test_allowed_changes_run_and_property_writes_are_checked(bus_address: str) -> None:
+def test_root_needs_no_polkit_and_property_writes_are_checked(bus_address: str) -> None:
     supervisor = FakeSupervisor()
-    root = AsUid(0)
+    asked: list[tuple[str, str]] = []
 
     async def scenario(service: ModeldMessageBus, client: MessageBus) -> None:
+        root = AsUid(service, 0)
+        root.asked = asked
         BusService(service, supervisor, never_reload, authorizer=root).sync_models()
         caller = Caller(client, service)
         path = model_object_path("demo")
-        assert await caller(path, MODEL, "Load", "a{sv}", [{}]) == [path]
-        await caller(path, MODEL, "SetPinned", "b", [True])
+        async with polkitd(bus_address, lambda _a, _d: (False, False)) as polkit:
+            assert await caller(path, MODEL, "Load", "a{sv}", [{}]) == [path]
+            await caller(path, MODEL, "SetPinned", "b", [True])
+            await caller(
+                model_object_path("keep"), MODEL, "Unload", "a{sv}", [{"wait": Variant("b", False)}]
+            )
+        assert polkit.checks == []
         assert await caller.set_property("MaxLoaded", Variant("u", 2)) == []
         (value,) = await caller(
             MANAGER_PATH, "org.freedesktop.DBus.Properties", "Get", "ss", [MANAGER, "MaxLoaded"]
@@ -283,9 +456,10 @@ def test_allowed_changes_run_and_property_writes_are_checked(bus_address: str) -
     assert supervisor.changes == [
         ("load", "demo", False),
         ("set_pinned", "demo", True),
+        ("unload", "keep", False),
         ("set_max_loaded", 2),
     ]
-    assert ("org.modeld1.manage", "set MaxLoaded") in root.asked
+    assert ("org.modeld1.manage", "set MaxLoaded") in asked
 
 
 class Undeclared(ManagerInterface):
@@ -301,13 +475,15 @@ class Undeclared(ManagerInterface):
 def test_a_method_without_a_rule_fails_closed(
     bus_address: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    root = AsUid(0)  # a caller who would be allowed anything
+    asked: list[tuple[str, str]] = []
 
     async def write(*_args: Any) -> None:
         raise AssertionError("written")
 
     async def scenario(service: ModeldMessageBus, client: MessageBus) -> None:
-        gate = Gate(service, root, pinned=lambda _name: False, write=write)  # type: ignore[arg-type]
+        root = AsUid(service, 0)  # a caller who would be allowed anything
+        root.asked = asked
+        gate = Gate(service, root, write=write)  # type: ignore[arg-type]
         interface = Undeclared(_Requests(FakeSupervisor(), service), never_reload)  # type: ignore[arg-type]
         with pytest.raises(ExportError, match="Wipe declares no authorization rule"):
             gate.export(MANAGER_PATH, interface)
@@ -319,7 +495,7 @@ def test_a_method_without_a_rule_fails_closed(
 
     run(bus_address, scenario)
     assert not Undeclared.wiped
-    assert root.asked == []
+    assert asked == []
 
 
 async def started(supervisor: FakeSupervisor) -> asyncio.Future[None]:
@@ -338,7 +514,7 @@ def test_unload_waits_for_the_unload_unless_wait_is_false(
     no_wait = {"wait": Variant("b", False)}
 
     async def scenario(service: ModeldMessageBus, client: MessageBus) -> None:
-        BusService(service, supervisor, never_reload, authorizer=AsUid(0)).sync_models()
+        BusService(service, supervisor, never_reload, authorizer=AsUid(service, 0)).sync_models()
         caller = Caller(client, service)
 
         reply = asyncio.ensure_future(

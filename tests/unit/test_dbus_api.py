@@ -109,30 +109,20 @@ def test_every_member_declares_its_rule() -> None:
     check_rules(model)
 
 
-def test_rules_decide_the_action_per_call() -> None:
-    def pinned() -> bool:
-        return True
-
-    def unpinned() -> bool:
-        return False
-
-    def unasked() -> bool:
-        raise AssertionError("pinned state asked for a rule that does not depend on it")
-
+def test_rules_decide_the_action_from_the_arguments_alone() -> None:
     def force(value: Any, signature: str = "b") -> dict[str, Variant]:
         return {"force": Variant(signature, value)}
 
-    assert Rule.READ.action(force(True), unasked) is None
-    assert Rule.USE.action(force(True), unasked) is Action.USE
-    assert Rule.MANAGE.action({}, unasked) is Action.MANAGE
-    assert Rule.LOAD.action({}, unasked) is Action.USE
-    assert Rule.LOAD.action({"wait": Variant("b", True)}, unasked) is Action.USE
-    assert Rule.LOAD.action(force(False), unasked) is Action.USE
-    assert Rule.LOAD.action(force(True), unasked) is Action.MANAGE
-    assert Rule.LOAD.action(force("yes", "s"), unasked) is Action.MANAGE  # malformed: stricter
-    assert Rule.UNLOAD.action({}, unpinned) is Action.USE
-    assert Rule.UNLOAD.action({}, pinned) is Action.MANAGE
-    assert Rule.UNLOAD.action(force(True), unasked) is Action.MANAGE
+    assert Rule.READ.action(force(True)) is None
+    assert Rule.USE.action(force(True)) is Action.USE
+    assert Rule.MANAGE.action({}) is Action.MANAGE
+    assert Rule.LOAD.action({}) is Action.USE
+    assert Rule.LOAD.action({"wait": Variant("b", True)}) is Action.USE
+    assert Rule.LOAD.action(force(False)) is Action.USE
+    assert Rule.LOAD.action(force(True)) is Action.MANAGE
+    assert Rule.LOAD.action(force("yes", "s")) is Action.MANAGE  # malformed: stricter
+    assert Rule.UNLOAD.action({}) is Action.USE  # a pin is the owner's to enforce
+    assert Rule.UNLOAD.action(force(True)) is Action.MANAGE
     assert str(Action.USE) == "org.modeld1.use"
     assert str(Action.MANAGE) == "org.modeld1.manage"
 

@@ -5,7 +5,9 @@ interface whose properties differ from :mod:`modeld.bus.api` or with a method or
 property that declares no :class:`~modeld.bus.authorization.Rule`. The gate's message handler
 sees every method call first: a call to a member without a rule is refused with AccessDenied,
 a call to an open member goes on to dbus-next, and any other call is dispatched only after the
-caller was found to hold the action its rule names for that call.
+caller was found to hold the action its rule names for that call (polkit is asked without
+blocking the loop: the check and the dispatch run in a task of their own, where the method
+finds its :func:`~modeld.bus.authorization.current_caller`).
 
 Property writes never reach dbus-next: every property is read-only to it. The gate answers
 every ``Set`` on its interfaces; one of a property listed in :data:`modeld.bus.api.WRITABLE`
@@ -21,7 +23,7 @@ from typing import Any
 
 from modeld.bus import api
 from modeld.bus.annotations import describe
-from modeld.bus.authorization import Action, Authorizer, rule_of
+from modeld.bus.authorization import Action, Authorizer, Call, rule_of, serve_as
 from modeld.bus.connection import (
     INTERNAL_ERROR,
     DBusError,
@@ -100,13 +102,11 @@ class Gate:
         bus: ModeldMessageBus,
         authorizer: Authorizer,
         *,
-        pinned: Callable[[str], bool],
         write: Callable[[ApiInterface, str, Any], None],
     ) -> None:
-        """``pinned(model)`` feeds rules that depend on it; ``write`` applies a property write."""
+        """``write`` applies a property write the gate authorized."""
         self._bus = bus
         self._authorizer = authorizer
-        self._pinned = pinned
         self._write = write
         self._objects: dict[str, list[ApiInterface]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -171,13 +171,10 @@ class Gate:
                 msg, f"{what}: {interface.name}.{method.name} declares no rule; refused"
             )
         options = args.get("options")
-        action = rule.action(
-            options if isinstance(options, dict) else {},
-            lambda: model is not None and self._pinned(model),
-        )
+        action = rule.action(options if isinstance(options, dict) else {})
         if action is None:
             return None
-        self._spawn(self._call(msg, action, what, interface, method))
+        self._spawn(self._call(msg, action, _call(msg, what, model), interface, method))
         return True
 
     def _on_set(self, msg: Message) -> bool | None:
@@ -202,25 +199,28 @@ class Gate:
             return self._deny(
                 msg, f"{what}: {interface_name}.{prop_name} declares no rule; refused"
             )
-        action = rule.action({}, lambda: False)
-        self._spawn(self._set(msg, action, what, interface, prop_name, variant))
+        action = rule.action({})
+        self._spawn(self._set(msg, action, _call(msg, what, None), interface, prop_name, variant))
         return True
 
-    async def _allowed(self, msg: Message, action: Action | None, what: str) -> bool:
+    async def _allowed(self, msg: Message, action: Action | None, call: Call) -> bool:
+        """Whether ``call`` may go on; refused calls are answered here."""
         if action is None:
             return True
         try:
-            await self._authorizer.check(action, msg.sender, what)
+            caller = await self._authorizer.authorize(action, call)
         except ModeldError as err:
-            self._deny(msg, err.message)
+            self._deny(msg, err.message, err.dbus_name)
             return False
+        serve_as(caller)
         return True
 
     async def _call(
-        self, msg: Message, action: Action, what: str, interface: ApiInterface, method: Any
+        self, msg: Message, action: Action, call: Call, interface: ApiInterface, method: Any
     ) -> None:
-        if not await self._allowed(msg, action, what):
+        if not await self._allowed(msg, action, call):
             return
+        what = call.what
         try:
             self._bus._make_method_handler(interface, method)(msg, lambda r: self._reply(msg, r))
         except Exception as err:
@@ -230,13 +230,14 @@ class Gate:
         self,
         msg: Message,
         action: Action | None,
-        what: str,
+        call: Call,
         interface: ApiInterface,
         prop_name: str,
         variant: Any,
     ) -> None:
-        if not await self._allowed(msg, action, what):
+        if not await self._allowed(msg, action, call):
             return
+        what = call.what
         try:
             signature = api.PROPERTIES[interface.name][prop_name]
             if variant.signature != signature:
@@ -247,9 +248,9 @@ class Gate:
             return
         self._reply(msg, Message.new_method_return(msg))
 
-    def _deny(self, msg: Message, text: str) -> bool:
+    def _deny(self, msg: Message, text: str, name: str = AccessDenied.dbus_name) -> bool:
         log.warning("%s", text)
-        return self._error(msg, AccessDenied.dbus_name, text)
+        return self._error(msg, name, text)
 
     def _error(self, msg: Message, name: str, text: str) -> bool:
         self._reply(msg, Message.new_error(msg, name, text))
@@ -276,3 +277,9 @@ class Gate:
         task = asyncio.create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def _call(msg: Message, what: str, model: str | None) -> Call:
+    """The call ``msg`` makes, as the authorizer sees it."""
+    interactive = bool(msg.flags & MessageFlag.ALLOW_INTERACTIVE_AUTHORIZATION)
+    return Call(msg.sender, what, model, interactive)

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any, TypeVar
 
 from modeld import __version__
-from modeld.bus.authorization import Authorizer, Rule, authorized
+from modeld.bus.authorization import Action, Authorizer, Rule, authorized, current_caller
 from modeld.bus.connection import (
     INTERNAL_ERROR,
     DBusError,
@@ -43,7 +43,7 @@ from modeld.bus.signatures import (
     UINT64,
 )
 from modeld.config import ModelConfig
-from modeld.errors import InvalidArgs, ModeldError, NoSuchModel
+from modeld.errors import AccessDenied, InvalidArgs, ModeldError, NoSuchModel, PinnedModel
 from modeld.naming import MANAGER_INTERFACE, MANAGER_PATH, MODEL_INTERFACE, model_object_path
 from modeld.supervisor.registry import Supervisor
 from modeld.supervisor.status import ModelStatus, StatusChange
@@ -159,13 +159,29 @@ class _Requests:
         return model_object_path(name)
 
     async def unload(self, name: str, options: dict[str, Variant]) -> None:
-        """Unload ``name``; ``wait`` (default true) replies only once it is unloaded."""
+        """Unload ``name``; ``wait`` (default true) replies only once it is unloaded.
+
+        The gate authorized ``use`` (``manage`` with ``force``); whether the model is pinned,
+        which needs ``manage`` too, is the owner's to decide. If it refuses for the pin,
+        polkit is asked for ``manage`` and the unload is asked for again.
+        """
         opts = _Options(options, ("force", "wait"))
         force = opts.flag("force")
         wait = opts.flag("wait", default=True)
-        done = await self.supervisor.unload(name, force=force)
+        caller = current_caller()
+        manage = caller is not None and caller.holds(Action.MANAGE)
+        try:
+            done = await self.supervisor.unload(name, force=force, manage=manage)
+        except PinnedModel:
+            if caller is None or manage:
+                raise
+            await caller.require(Action.MANAGE, f"Unload {name} (pinned)")
+            done = await self.supervisor.unload(name, force=force, manage=True)
         if wait:
-            await done
+            try:
+                await done
+            except PinnedModel as err:  # pinned while the unload waited for the model's use
+                raise AccessDenied(f"Unload {name} (pinned) needs {Action.MANAGE}: {err}") from None
         else:
             _consume(done)
 
@@ -342,7 +358,8 @@ class ManagerInterface(ApiInterface):
     @_replies_errors
     async def Acquire(self, name: STRING, options: OPTIONS) -> ENDPOINT_AND_LEASE:
         _Options(options, ())
-        lease = await self._supervisor.acquire(name)
+        caller = current_caller()
+        lease = await self._supervisor.acquire(name, caller.uid if caller else None)
         self._requests.bus.close_after_send(lease.client_fd)
         return [lease.endpoint, lease.client_fd]
 
@@ -398,7 +415,6 @@ class BusService:
         self._gate = Gate(
             bus,
             authorizer if authorizer is not None else Authorizer(bus),
-            pinned=self._pinned,
             write=self._on_property_set,
         )
         self._requests = _Requests(supervisor, bus)
@@ -436,12 +452,6 @@ class BusService:
         if changed:
             with contextlib.suppress(Exception):
                 self.manager.emit_properties_changed(changed)
-
-    def _pinned(self, model: str) -> bool:
-        try:
-            return self._supervisor.status(model).pinned
-        except ModeldError:
-            return False
 
     def _on_property_set(self, interface: ApiInterface, prop: str, value: Any) -> None:
         """Apply a write the gate authorized and type-checked (``api.WRITABLE`` lists them)."""

@@ -17,7 +17,9 @@ measured under the model's current configuration.
 Use is counted here, from the moment a request is accepted (while it waits for the model
 or a ``parallel`` slot too) until its caller ends it, and for every open lease. An eviction
 (the scheduler making room) is refused while the model is in use or pinned unless forced;
-an explicit unload waits for the use to end unless forced.
+an explicit unload waits for the use to end unless forced. A pin also refuses an explicit
+unload, unless the caller was authorized to manage (a fact the D-Bus adapter passes along):
+a pin keeps a model loaded against callers who may only use it.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from typing import Any, Protocol
 from modeld.config import ModelConfig
 from modeld.core.effects import EvictionRefused
 from modeld.core.states import ModelState, check_transition
-from modeld.errors import LoadFailed, ModeldError
+from modeld.errors import LoadFailed, ModeldError, PinnedModel
 from modeld.naming import backend_socket, scope_name
 from modeld.rpc.client import BackendClient
 from modeld.supervisor.backend_run import BackendRun, OwnerContext
@@ -92,6 +94,7 @@ class _Evict:
 class _Unload:
     reason: str
     force: bool
+    manage: bool
     accepted: asyncio.Future[asyncio.Future[None]]
 
 
@@ -276,14 +279,18 @@ class ModelOwner:
         self._inbox.put_nowait(_Evict(reason, force, done))
         return done
 
-    async def request_unload(self, reason: str, *, force: bool = False) -> asyncio.Future[None]:
+    async def request_unload(
+        self, reason: str, *, force: bool = False, manage: bool = False
+    ) -> asyncio.Future[None]:
         """Ask for an unload; returns once accepted, with a future for its completion.
 
-        Without ``force`` the unload waits until no request is in flight and no lease open;
-        a pin does not stop it (an explicit unload, unlike an eviction).
+        Without ``force`` the unload waits until no request is in flight and no lease open.
+        While the model is pinned the unload is refused (PinnedModel) unless ``manage``: the
+        caller is authorized to manage models. A pin set while an unload waits for the use to
+        end refuses that unload the same way.
         """
         accepted: asyncio.Future[asyncio.Future[None]] = asyncio.get_running_loop().create_future()
-        self._inbox.put_nowait(_Unload(reason, force, accepted))
+        self._inbox.put_nowait(_Unload(reason, force, manage, accepted))
         return await accepted
 
     def set_pinned(self, pinned: bool) -> None:
@@ -365,7 +372,7 @@ class ModelOwner:
 
     async def close(self) -> None:
         """Stop the backend (reason ``shutdown``) and end the owner task."""
-        done = await self.request_unload("shutdown", force=True)
+        done = await self.request_unload("shutdown", force=True, manage=True)
         with contextlib.suppress(ModeldError):
             await done
         self._task.cancel()
@@ -400,6 +407,8 @@ class ModelOwner:
                 await self._on_load_done(message)
             case _SetPinned(pinned=pinned):
                 self._set(pinned=pinned)
+                if pinned:
+                    self._refuse_deferred_unloads()
                 self._arm_timers()
             case _RequestBegun(request=request):
                 self._requests[request] = None
@@ -727,6 +736,9 @@ class ModelOwner:
     # ----------------------------------------------------------------------- unload
 
     async def _on_unload(self, message: _Unload) -> None:
+        if self.status.pinned and not message.manage:
+            message.accepted.set_exception(self._pinned_refusal())
+            return
         self._cancel_restart()
         self._failures_in_a_row = 0
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -760,6 +772,21 @@ class ModelOwner:
             format_size(learned.memory_peak),
         )
         self._set(memory_peak=learned.memory_peak)
+
+    def _pinned_refusal(self) -> PinnedModel:
+        return PinnedModel(
+            f"{self.name} is pinned: only a caller authorized to manage models may unload it"
+        )
+
+    def _refuse_deferred_unloads(self) -> None:
+        """The model was pinned: refuse the waiting unloads of callers who may not manage."""
+        kept = []
+        for unload, done in self._deferred_unloads:
+            if unload.manage:
+                kept.append((unload, done))
+            elif not done.done():
+                done.set_exception(self._pinned_refusal())
+        self._deferred_unloads = kept
 
     async def _on_evict(self, message: _Evict) -> None:
         backend = self._backend

@@ -441,8 +441,11 @@ class Supervisor:
         except ModeldError as err:  # its owner published it
             log.warning("preload of %s failed: %s", name, err, extra={"model": name})
 
-    async def unload(self, name: str, *, force: bool = False) -> asyncio.Future[None]:
-        return await self.owner(name).request_unload("requested", force=force)
+    async def unload(
+        self, name: str, *, force: bool = False, manage: bool = False
+    ) -> asyncio.Future[None]:
+        """Ask ``name``'s owner for an unload (see :meth:`ModelOwner.request_unload`)."""
+        return await self.owner(name).request_unload("requested", force=force, manage=manage)
 
     def set_pinned(self, name: str, pinned: bool) -> None:
         self.owner(name).set_pinned(pinned)
