@@ -34,9 +34,9 @@ def version() -> str:
 def date() -> str:
     epoch = os.environ.get("SOURCE_DATE_EPOCH")
     when = (
-        datetime.datetime.fromtimestamp(int(epoch), datetime.timezone.utc)
+        datetime.datetime.fromtimestamp(int(epoch), datetime.UTC)
         if epoch
-        else datetime.datetime.now(datetime.timezone.utc)
+        else datetime.datetime.now(datetime.UTC)
     )
     return when.strftime("%Y-%m-%d")
 
