@@ -20,6 +20,7 @@ import hashlib
 import http.client
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -370,3 +371,21 @@ def test_purge_leaves_nothing_behind(system: Sandbox) -> None:
     assert units.strip() == ""
     assert not any("modeld" in p for p in processes(system))
     assert not (system.memcg_dir / "modeld.slice").exists()
+
+
+# ---------------------------------------------------------------- package linters
+def test_lintian_is_clean_down_to_pedantic(debs: Debs) -> None:
+    """No tag at all at -EvIL +pedantic beyond the overrides (each with its reason)."""
+    arch = _run(["dpkg", "--print-architecture"]).stdout.strip()
+    changes = REPO / "dist" / f"modeld_{debs.old_version}_{arch}.changes"
+    _run(["lintian", "-EvIL", "+pedantic", "--fail-on",
+          "error,warning,info,pedantic,experimental", str(changes)])  # fmt: skip
+
+
+def test_rpm_builds_runs_its_unit_tests_and_is_rpmlint_clean() -> None:
+    for tool in ("rpmbuild", "rpmlint"):
+        if shutil.which(tool, path=CLEAN_PATH) is None:
+            _unavailable(f"{tool} is not installed (scripts/setup installs it)")
+    out = _run([str(REPO / "packaging" / "build-rpm.sh"), "--lint"]).stdout
+    assert re.search(r"^\d+ passed", out, re.M), "%check did not run the unit tests"
+    assert "0 errors, 0 warnings" in out
