@@ -29,12 +29,15 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "bench"))
 
 MODEL = "bench"
+SYSTEMD_PID = 1
+"""The sandbox's systemd, in the driver's PID namespace: its CPU per cycle is the baseline."""
 SETTLE = 0.2
 """Seconds of quiet after each batch, counted in it (idle modeld uses ~0 CPU)."""
 
@@ -46,6 +49,18 @@ def cpu_seconds(pid: int, *, main_thread: bool = False) -> float:
     fields = stat.rsplit(")", 1)[1].split()
     utime, stime = int(fields[11]), int(fields[12])
     return (utime + stime) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_kib(pid: int) -> int:
+    """Resident set size of ``pid`` (VmRSS), KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
 
 
 def main_pid() -> int:
@@ -94,6 +109,7 @@ async def drive(
 
     pid = main_pid()
     startup_ms = cpu_seconds(pid) * 1000
+    footprint = {"rss_kib": [rss_kib(pid)], "fds": [open_fds(pid)], "cycles": [0]}
     for _ in range(warmup):
         await cycle()
     for samples in calls.values():
@@ -104,9 +120,11 @@ async def drive(
     cpu_ms: list[float] = []
     main_ms: list[float] = []
     wall_ms: list[float] = []
-    for _ in range(batches):
+    systemd_ms: list[float] = []
+    for batch in range(batches):
         await asyncio.sleep(SETTLE)  # modeld finishes what follows the last Unload reply
         cpu0, main0 = cpu_seconds(pid), cpu_seconds(pid, main_thread=True)
+        systemd0 = cpu_seconds(SYSTEMD_PID)
         wall0 = time.perf_counter()
         for _ in range(cycles):
             await cycle()
@@ -114,7 +132,11 @@ async def drive(
         await asyncio.sleep(SETTLE)
         cpu_ms.append((cpu_seconds(pid) - cpu0) * 1000 / cycles)
         main_ms.append((cpu_seconds(pid, main_thread=True) - main0) * 1000 / cycles)
+        systemd_ms.append((cpu_seconds(SYSTEMD_PID) - systemd0) * 1000 / cycles)
         wall_ms.append((wall1 - wall0) * 1000 / cycles)
+        footprint["rss_kib"].append(rss_kib(pid))
+        footprint["fds"].append(open_fds(pid))
+        footprint["cycles"].append(warmup + (batch + 1) * cycles)
     if profiler:
         profiler.send_signal(signal.SIGINT)
         profiler.wait()
@@ -126,6 +148,8 @@ async def drive(
         "cpu_ms": cpu_ms,
         "main_thread_ms": main_ms,
         "wall_ms": wall_ms,
+        "systemd_ms": systemd_ms,
+        "footprint": footprint,
         "call_ms": {member: statistics.median(v) * 1000 for member, v in calls.items()},
         "idle_cpu_ms_per_settle": idle_ms,
         "startup_cpu_ms": startup_ms,
@@ -133,6 +157,96 @@ async def drive(
 
 
 # ---------------------------------------------------------------------- orchestrator
+
+
+def run(
+    batches: int, cycles: int, warmup: int, *, dropin: str = "", py_spy: Path | None = None
+) -> dict[str, Any]:
+    """Boot a sandbox, deploy modeld, drive the cycles inside; the result with per-batch
+    samples (CPU per cycle, systemd's CPU per cycle, RSS and open fds after each batch)."""
+    from sandbox import booted_sandbox
+    from sandbox.deploy import deploy, reference_model
+
+    with (
+        tempfile.TemporaryDirectory(prefix="modeld-bench-") as tmp,
+        booted_sandbox(dbus_policy_files=[REPO / "systemd" / "org.modeld1.conf"]) as sandbox,
+    ):
+        modeld = deploy(
+            sandbox,
+            Path(tmp),
+            {MODEL: reference_model(memory_max="256M")},
+            dropin=dropin.replace("\\n", "\n") + "\n" if dropin else "",
+        )
+        proc = sandbox.exec(
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--driver",
+            f"--batches={batches}",
+            f"--cycles={cycles}",
+            f"--warmup={warmup}",
+            *([f"--py-spy={py_spy.resolve()}"] if py_spy else []),
+            env={"PYTHONPATH": str(REPO / "service")},
+            timeout=120 + batches * cycles * 3,
+        )
+        modeld.stop()
+    driver = json.loads(proc.stdout.splitlines()[-1])
+    cpu = [round(v, 2) for v in driver["cpu_ms"]]
+    wall = [round(v, 1) for v in driver["wall_ms"]]
+    return {
+        "batches": batches,
+        "cycles_per_batch": cycles,
+        "warmup_cycles": warmup,
+        "cpu_ms_per_cycle_median": round(statistics.median(cpu), 2),
+        "cpu_ms_per_cycle_batches": cpu,
+        "main_thread_cpu_ms_per_cycle_median": round(
+            statistics.median(driver["main_thread_ms"]), 2
+        ),
+        "systemd_cpu_ms_per_cycle_batches": [round(v, 2) for v in driver["systemd_ms"]],
+        "idle_cpu_ms_per_settle": round(driver["idle_cpu_ms_per_settle"], 2),
+        "startup_cpu_ms": round(driver["startup_cpu_ms"]),
+        "wall_ms_per_cycle_median": round(statistics.median(wall), 1),
+        "wall_ms_per_cycle_batches": wall,
+        "call_wall_ms_median": {k: round(v, 1) for k, v in driver["call_ms"].items()},
+        "footprint": driver["footprint"],
+    }
+
+
+def figures(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """modeld's CPU per cycle against systemd's for the same cycles; RSS and fds after all
+    cycles against after the warm-up (no growth: ratio 1)."""
+    from stats import figure
+
+    footprint = result["footprint"]
+    cycles = footprint["cycles"][-1]
+    return [
+        figure(
+            "footprint",
+            "modeld CPU time per load + unload cycle",
+            "ms",
+            result["cpu_ms_per_cycle_batches"],
+            baseline=result["systemd_cpu_ms_per_cycle_batches"],
+            baseline_name="systemd's (PID 1) CPU time for the same cycles",
+        ),
+        figure(
+            "footprint",
+            f"modeld RSS after {cycles} load/unload cycles",
+            "MiB",
+            [footprint["rss_kib"][-1] / 1024],
+            baseline=[footprint["rss_kib"][1] / 1024],
+            baseline_name="after the first batch",
+            target=50.0,
+            target_text="no growth; <= 50 MB",
+        ),
+        figure(
+            "footprint",
+            f"modeld open fds after {cycles} load/unload cycles",
+            "fds",
+            [float(footprint["fds"][-1])],
+            baseline=[float(footprint["fds"][1])],
+            baseline_name="after the first batch",
+            target_text="no growth",
+        ),
+    ]
 
 
 def main() -> int:
@@ -159,48 +273,7 @@ def main() -> int:
         print(json.dumps(result))
         return 0
 
-    from sandbox import booted_sandbox
-    from sandbox.deploy import deploy, reference_model
-
-    with (
-        tempfile.TemporaryDirectory(prefix="modeld-bench-") as tmp,
-        booted_sandbox(dbus_policy_files=[REPO / "systemd" / "org.modeld1.conf"]) as sandbox,
-    ):
-        modeld = deploy(
-            sandbox,
-            Path(tmp),
-            {MODEL: reference_model(memory_max="256M")},
-            dropin=args.dropin.replace("\\n", "\n") + "\n" if args.dropin else "",
-        )
-        proc = sandbox.exec(
-            sys.executable,
-            str(Path(__file__).resolve()),
-            "--driver",
-            f"--batches={args.batches}",
-            f"--cycles={args.cycles}",
-            f"--warmup={args.warmup}",
-            *([f"--py-spy={args.py_spy.resolve()}"] if args.py_spy else []),
-            env={"PYTHONPATH": str(REPO / "service")},
-            timeout=120 + args.batches * args.cycles * 3,
-        )
-        modeld.stop()
-    driver = json.loads(proc.stdout.splitlines()[-1])
-    cpu = [round(v, 2) for v in driver["cpu_ms"]]
-    wall = [round(v, 1) for v in driver["wall_ms"]]
-    result = {
-        "batches": args.batches,
-        "cycles_per_batch": args.cycles,
-        "warmup_cycles": args.warmup,
-        "cpu_ms_per_cycle_median": round(statistics.median(cpu), 2),
-        "cpu_ms_per_cycle_batches": cpu,
-        "main_thread_cpu_ms_per_cycle_median": round(
-            statistics.median(driver["main_thread_ms"]), 2
-        ),
-        "idle_cpu_ms_per_settle": round(driver["idle_cpu_ms_per_settle"], 2),
-        "startup_cpu_ms": round(driver["startup_cpu_ms"]),
-        "wall_ms_per_cycle_median": round(statistics.median(wall), 1),
-        "call_wall_ms_median": {k: round(v, 1) for k, v in driver["call_ms"].items()},
-    }
+    result = run(args.batches, args.cycles, args.warmup, dropin=args.dropin, py_spy=args.py_spy)
     from report import emit
 
     emit(result, args.json)

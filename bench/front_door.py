@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO / "service"))
 
 MODEL = "bench"
 API = Path("/run/modeld/api.sock")
-BACKEND = f"unix:/run/modeld/backends/{MODEL}.sock"
+BACKEND = f"unix:/run/modeld/backends/{MODEL}/backend.sock"
 PROMPT = "The sea"
 SHORT_TOKENS = 4
 
@@ -229,10 +229,100 @@ async def drive(
             "statuses": {str(s): statuses.count(s) for s in sorted(set(statuses))},
             "requests_per_s": round(len(statuses) / concurrent_elapsed, 1),
         },
+        "samples_ms": {kind: [ms(v) for v in values] for kind, values in latency.items()},
+        "stream_rates": {kind: [round(v, 1) for v in values] for kind, values in rates.items()},
     }
 
 
 # ---------------------------------------------------------------------- orchestrator
+
+
+def run(rounds: int, stream_tokens: int, stream_rounds: int, clients: int) -> dict[str, Any]:
+    """Boot a sandbox, deploy modeld with one ``parallel = 4`` model, run the driver
+    inside; its result, with the latency samples and the stream rates."""
+    import tempfile
+
+    from sandbox import booted_sandbox
+    from sandbox.deploy import deploy, reference_model
+
+    with (
+        tempfile.TemporaryDirectory(prefix="modeld-bench-") as tmp,
+        booted_sandbox(dbus_policy_files=[REPO / "systemd" / "org.modeld1.conf"]) as sandbox,
+    ):
+        model = reference_model(extra="parallel = 4\nmax_queue = 64\n")
+        modeld = deploy(sandbox, Path(tmp), {MODEL: model})
+        pid = sandbox.show("modeld.service", "MainPID")
+        proc = sandbox.exec(
+            sys.executable,
+            str(Path(__file__).resolve()),
+            f"--driver={pid}",
+            f"--rounds={rounds}",
+            f"--stream-tokens={stream_tokens}",
+            f"--stream-rounds={stream_rounds}",
+            f"--clients={clients}",
+            env={"PYTHONPATH": str(REPO / "service"), "PATH": os.environ.get("PATH", "")},
+            timeout=600,
+        )
+        modeld.stop()
+    result: dict[str, Any] = json.loads(proc.stdout.splitlines()[-1])
+    return result
+
+
+def figures(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Latency and stream rate through the front door against the backend's own gRPC;
+    modeld's CPU per request and per streamed token against the targets."""
+    from stats import figure
+
+    latency, rates = result["samples_ms"], result["stream_rates"]
+    concurrent = result["concurrent"]
+    return [
+        figure(
+            "front_door",
+            f"{SHORT_TOKENS}-token completion, POST /v1/completions",
+            "ms",
+            latency["modeld"],
+            baseline=latency["direct"],
+            baseline_name="the same Predict by gRPC straight to the backend",
+            target_text="overhead p50 <= 0.5 ms",
+        ),
+        figure(
+            "front_door",
+            f"streamed tokens per second ({result['stream_tokens']} tokens)",
+            "tokens/s",
+            rates["modeld"],
+            baseline=rates["direct"],
+            baseline_name="PredictStream by gRPC straight to the backend",
+            target_text="ratio >= 0.95",
+            lower_is_better=False,
+            digits=1,
+        ),
+        figure(
+            "front_door",
+            "modeld CPU time per request (all threads, idle rate subtracted)",
+            "ms",
+            [result["modeld_cpu_per_request_ms"]],
+            target=1.0,
+            target_text="<= 1 ms",
+        ),
+        figure(
+            "front_door",
+            "modeld CPU time per streamed token",
+            "ms",
+            [result["modeld_cpu_per_streamed_token_ms"]],
+            target=0.1,
+            target_text="<= 0.1 ms",
+            digits=4,
+        ),
+        figure(
+            "front_door",
+            f"{concurrent['clients']} clients x 10 requests, parallel = 4: requests/s",
+            "requests/s",
+            [concurrent["requests_per_s"]],
+            target_text=f"no errors (statuses: {concurrent['statuses']})",
+            lower_is_better=False,
+            digits=1,
+        ),
+    ]
 
 
 def main() -> int:
@@ -251,31 +341,7 @@ def main() -> int:
         print(json.dumps(result))
         return 0
 
-    import tempfile
-
-    from sandbox import booted_sandbox
-    from sandbox.deploy import deploy, reference_model
-
-    with (
-        tempfile.TemporaryDirectory(prefix="modeld-bench-") as tmp,
-        booted_sandbox(dbus_policy_files=[REPO / "systemd" / "org.modeld1.conf"]) as sandbox,
-    ):
-        model = reference_model(extra="parallel = 4\nmax_queue = 64\n")
-        modeld = deploy(sandbox, Path(tmp), {MODEL: model})
-        pid = sandbox.show("modeld.service", "MainPID")
-        proc = sandbox.exec(
-            sys.executable,
-            str(Path(__file__).resolve()),
-            f"--driver={pid}",
-            f"--rounds={args.rounds}",
-            f"--stream-tokens={args.stream_tokens}",
-            f"--stream-rounds={args.stream_rounds}",
-            f"--clients={args.clients}",
-            env={"PYTHONPATH": str(REPO / "service"), "PATH": os.environ.get("PATH", "")},
-            timeout=600,
-        )
-        modeld.stop()
-    result = json.loads(proc.stdout.splitlines()[-1])
+    result = run(args.rounds, args.stream_tokens, args.stream_rounds, args.clients)
     from report import emit
 
     emit(result, args.json)

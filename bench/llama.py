@@ -131,9 +131,9 @@ async def measure_tokens(rounds: int, tokens: int, gguf: str) -> dict[str, list[
     whole_body = json.dumps(body).encode()
     stream_body = json.dumps({**body, "stream": True}).encode()
     http = await Http.connect()
-    from modeld.naming import socket_stem
+    from modeld.naming import backend_socket
 
-    channel = grpc.aio.insecure_channel(f"unix:/run/modeld/backends/{socket_stem(MODEL)}.sock")
+    channel = grpc.aio.insecure_channel(f"unix:{backend_socket(Path('/run/modeld'), MODEL)}")
     stub = backend_pb2_grpc.BackendStub(channel)
     options = backend_pb2.PredictOptions(Prompt=PROMPT, Tokens=tokens, Temperature=0)
     llm = _in_process(gguf)
@@ -222,6 +222,7 @@ def report(driver: dict[str, Any], gguf: Path, tokens: int) -> dict[str, Any]:
             "rounds": len(rates["grpc_stream"]),
             "median": rate,
             "min_max": spread,
+            "samples": {way: [round(x, 2) for x in v] for way, v in rates.items()},
             "ratio_to_in_process": {
                 "front_door_stream": ratio("front_door_stream", "in_process_stream"),
                 "grpc_stream": ratio("grpc_stream", "in_process_stream"),
@@ -232,19 +233,9 @@ def report(driver: dict[str, Any], gguf: Path, tokens: int) -> dict[str, Any]:
     }
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5, help="rounds of token-rate runs")
-    parser.add_argument("--load-rounds", type=int, default=8)
-    parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--json", type=Path, help="also write the result here")
-    parser.add_argument("--driver", metavar="GGUF", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.driver:
-        result = asyncio.run(drive(args.load_rounds, args.rounds, args.tokens, args.driver))
-        print(json.dumps(result))
-        return 0
-
+def run(rounds: int, load_rounds: int, tokens: int, *, preset: str = "large") -> dict[str, Any]:
+    """Boot a sandbox, write the GGUF model of ``preset``, deploy modeld with it and run the
+    driver inside; the result with its samples."""
     import tempfile
 
     from ggufgen import write_model
@@ -255,21 +246,79 @@ def main() -> int:
         tempfile.TemporaryDirectory(prefix="modeld-bench-") as tmp,
         booted_sandbox(dbus_policy_files=[REPO / "systemd" / "org.modeld1.conf"]) as sandbox,
     ):
-        gguf = write_model(Path(tmp) / "large.gguf", preset="large", seed=1)
+        gguf = write_model(Path(tmp) / f"{preset}.gguf", preset=preset, seed=1)
         model = llama_model(gguf, memory_max="1G", **OPTIONS)
         modeld = deploy(sandbox, Path(tmp) / "config", {MODEL: model})
         proc = sandbox.exec(
             sys.executable,
             str(Path(__file__).resolve()),
             f"--driver={gguf}",
-            f"--rounds={args.rounds}",
-            f"--load-rounds={args.load_rounds}",
-            f"--tokens={args.tokens}",
+            f"--rounds={rounds}",
+            f"--load-rounds={load_rounds}",
+            f"--tokens={tokens}",
             env={"PYTHONPATH": str(REPO / "service"), "PATH": os.environ.get("PATH", "")},
             timeout=1200,
         )
         modeld.stop()
-        result = report(json.loads(proc.stdout.splitlines()[-1]), gguf, args.tokens)
+        result = report(json.loads(proc.stdout.splitlines()[-1]), gguf, tokens)
+    result["model"]["preset"] = preset
+    return result
+
+
+def figures(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """A real engine: Load(wait) against the same backend started raw; tokens per second
+    through the front door and by gRPC against llama-cpp-python in the driver's process."""
+    from stats import figure
+
+    load, rates = result["load"], result["tokens_per_s"]["samples"]
+    size = f"{result['model']['file_mb']} MB GGUF"
+    rows = [
+        figure(
+            "llama",
+            f"Load(wait), llama-cpp backend, {size}",
+            "ms",
+            load["samples_ms"]["modeld"],
+            baseline=load["samples_ms"]["raw"],
+            baseline_name="physical limit: run.sh exec until Health + LoadModel",
+        )
+    ]
+    for way, name in (
+        ("front_door_stream", "streamed, front door"),
+        ("grpc_stream", "streamed, gRPC to the backend"),
+        ("front_door_whole", "whole, front door"),
+        ("grpc_whole", "whole, gRPC to the backend"),
+    ):
+        baseline = way.replace("front_door", "in_process").replace("grpc", "in_process")
+        rows.append(
+            figure(
+                "llama",
+                f"tokens per second, {name}",
+                "tokens/s",
+                rates[way],
+                baseline=rates[baseline],
+                baseline_name="llama-cpp-python in the driver's process (the limit)",
+                lower_is_better=False,
+                digits=1,
+            )
+        )
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of token-rate runs")
+    parser.add_argument("--load-rounds", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--preset", default="large", help="tests/ggufgen preset (large, tiny)")
+    parser.add_argument("--json", type=Path, help="also write the result here")
+    parser.add_argument("--driver", metavar="GGUF", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.driver:
+        result = asyncio.run(drive(args.load_rounds, args.rounds, args.tokens, args.driver))
+        print(json.dumps(result))
+        return 0
+
+    result = run(args.rounds, args.load_rounds, args.tokens, preset=args.preset)
     from report import emit
 
     emit(result, args.json)

@@ -22,6 +22,12 @@ The daemon file (:data:`DEFAULT_CONFIG_PATH`, all keys optional)::
 
 Relative paths in the daemon file are relative to the directory holding it.
 
+The defaults above are the system's (:func:`system_layout`). A per-user modeld
+(``modeld --user``) reads ``$XDG_CONFIG_HOME/modeld/modeld.toml`` and uses the user's
+directories instead (:func:`user_layout`); its backends are the user's own
+(``$XDG_DATA_HOME/modeld/backends``) followed by the system's (the ``backends_dirs`` of the
+system daemon file, else the system defaults).
+
 Each model is ``<models_dir>/<name>.toml``; see :class:`ModelConfig` for its
 keys.  Loading never logs: every problem is a :class:`ConfigError` whose
 ``str()`` is one line naming the file, the (dotted) key and the problem.
@@ -32,10 +38,11 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import pwd
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Final, Literal, NoReturn, cast
@@ -57,15 +64,86 @@ __all__ = [
     "Config",
     "ConfigError",
     "DaemonConfig",
+    "Layout",
     "ModelConfig",
     "RestartPolicy",
     "default_daemon_config",
     "load_config",
     "load_model_config",
     "model_name_problem",
+    "system_layout",
+    "user_layout",
 ]
 
 DEFAULT_CONFIG_PATH: Final = Path("/etc/modeld/modeld.toml")
+SYSTEM_BACKENDS_DIRS: Final[tuple[Path, ...]] = (
+    Path("/var/lib/modeld/backends"),
+    Path("/usr/lib/modeld/backends"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """Where one modeld instance looks and writes unless its daemon file says otherwise: the
+    system's (:func:`system_layout`) or one user's (:func:`user_layout`)."""
+
+    config_path: Path
+    """The daemon file read when none is given."""
+    models_dir: Path
+    backends_dirs: tuple[Path, ...]
+    runtime_dir: Path
+    state_dir: Path
+    """Where learned footprints persist when systemd sets no ``$STATE_DIRECTORY``."""
+    fallback_config: Path | None = None
+    """A daemon file whose ``backends_dirs`` (else :data:`SYSTEM_BACKENDS_DIRS`) follow
+    ``backends_dirs`` by default: the system's, for a per-user instance."""
+    user: bool = False
+    """A per-user instance (session bus, user manager)."""
+
+
+def system_layout() -> Layout:
+    """The system instance's paths: /etc/modeld, /run/modeld, /var/lib/modeld."""
+    return Layout(
+        config_path=DEFAULT_CONFIG_PATH,
+        models_dir=Path("/etc/modeld/models.d"),
+        backends_dirs=SYSTEM_BACKENDS_DIRS,
+        runtime_dir=Path("/run/modeld"),
+        state_dir=Path("/var/lib/modeld"),
+    )
+
+
+def _xdg_dir(environ: Mapping[str, str], name: str, default: Path) -> Path:
+    """An XDG base directory: the variable if it holds an absolute path (the specification
+    says to ignore relative ones), else ``default``."""
+    value = environ.get(name, "")
+    return Path(value) if value.startswith("/") else default
+
+
+def user_layout(environ: Mapping[str, str] = os.environ, uid: int | None = None) -> Layout:
+    """The paths of the per-user instance of ``uid`` (default: this process's user).
+
+    ``$XDG_CONFIG_HOME/modeld/`` (``modeld.toml``, ``models.d/``),
+    ``$XDG_RUNTIME_DIR/modeld/`` (``/run/user/UID/modeld`` when unset),
+    ``$XDG_DATA_HOME/modeld/backends`` then the system's backends, and
+    ``$XDG_STATE_HOME/modeld``; the XDG defaults below ``$HOME`` otherwise.
+    """
+    uid = os.getuid() if uid is None else uid
+    home_value = environ.get("HOME", "")
+    home = Path(home_value) if home_value.startswith("/") else Path(pwd.getpwuid(uid).pw_dir)
+    config = _xdg_dir(environ, "XDG_CONFIG_HOME", home / ".config") / "modeld"
+    data = _xdg_dir(environ, "XDG_DATA_HOME", home / ".local" / "share") / "modeld"
+    state = _xdg_dir(environ, "XDG_STATE_HOME", home / ".local" / "state") / "modeld"
+    runtime = _xdg_dir(environ, "XDG_RUNTIME_DIR", Path(f"/run/user/{uid}")) / "modeld"
+    return Layout(
+        config_path=config / "modeld.toml",
+        models_dir=config / "models.d",
+        backends_dirs=(data / "backends",),
+        runtime_dir=runtime,
+        state_dir=state,
+        fallback_config=DEFAULT_CONFIG_PATH,
+        user=True,
+    )
+
 
 MODEL_NAME_MAX_BYTES: Final = 200
 
@@ -437,7 +515,12 @@ def _read_toml(path: Path) -> dict[str, object]:
 
 
 def _parse_daemon(
-    data: Mapping[str, object], *, file: Path, base: Path | None, host_memory: int
+    data: Mapping[str, object],
+    *,
+    file: Path,
+    base: Path | None,
+    host_memory: int,
+    layout: Layout,
 ) -> DaemonConfig:
     top = _Table(file, data)
     for name in data:
@@ -454,13 +537,9 @@ def _parse_daemon(
         t.fail("memory_budget", 'must be greater than 0 (use "infinity" for no budget)')
     user = t.string("backend_user", "")
     return DaemonConfig(
-        models_dir=t.path("models_dir", Path("/etc/modeld/models.d"), base),
-        backends_dirs=t.paths(
-            "backends_dirs",
-            (Path("/var/lib/modeld/backends"), Path("/usr/lib/modeld/backends")),
-            base,
-        ),
-        runtime_dir=t.path("runtime_dir", Path("/run/modeld"), base),
+        models_dir=t.path("models_dir", layout.models_dir, base),
+        backends_dirs=t.paths("backends_dirs", layout.backends_dirs, base),
+        runtime_dir=t.path("runtime_dir", layout.runtime_dir, base),
         max_loaded=t.integer("max_loaded", 0, 0),
         memory_budget=memory_budget,
         idle_timeout=t.duration("idle_timeout", 0.0),
@@ -477,9 +556,33 @@ def _parse_daemon(
     )
 
 
-def default_daemon_config(*, host_memory: int) -> DaemonConfig:
-    """The daemon configuration used when there is no daemon file."""
-    return _parse_daemon({}, file=DEFAULT_CONFIG_PATH, base=None, host_memory=host_memory)
+def default_daemon_config(*, host_memory: int, layout: Layout | None = None) -> DaemonConfig:
+    """The daemon configuration used when there is no daemon file (``layout``: the
+    system's by default)."""
+    layout = _with_fallback(layout or system_layout())
+    return _parse_daemon(
+        {}, file=layout.config_path, base=None, host_memory=host_memory, layout=layout
+    )
+
+
+def _with_fallback(layout: Layout) -> Layout:
+    """``layout`` with the backends of its fallback daemon file after its own.
+
+    The fallback's ``[daemon] backends_dirs`` if it sets them, else
+    :data:`SYSTEM_BACKENDS_DIRS`; a fallback this user may not read counts as unset, one
+    that is malformed is an error naming it.
+    """
+    file = layout.fallback_config
+    if file is None:
+        return layout
+    dirs: tuple[Path, ...] = SYSTEM_BACKENDS_DIRS
+    if os.access(file, os.R_OK):
+        section = _read_toml(file).get("daemon", {})
+        if isinstance(section, dict):
+            table = _Table(file, cast("dict[str, object]", section), "daemon.")
+            dirs = table.paths("backends_dirs", dirs, file.parent)
+    own = tuple(d for d in layout.backends_dirs if d not in dirs)
+    return replace(layout, backends_dirs=(*own, *dirs), fallback_config=None)
 
 
 def model_name_problem(name: str) -> str | None:
@@ -693,11 +796,12 @@ def _model_files(models_dir: Path) -> list[Path]:
     )
 
 
-def load_config(path: Path | None, *, host_memory: int) -> Config:
+def load_config(path: Path | None, *, host_memory: int, layout: Layout | None = None) -> Config:
     """Load the daemon file and every model file.
 
-    ``path=None`` reads :data:`DEFAULT_CONFIG_PATH` if it exists and uses the
-    defaults otherwise; an explicit ``path`` must exist.  Then every
+    ``layout`` gives the defaults (the system's, :func:`system_layout`, when None).
+    ``path=None`` reads its ``config_path`` (:data:`DEFAULT_CONFIG_PATH` for the system)
+    if it exists and uses the defaults otherwise; an explicit ``path`` must exist.  Then every
     ``*.toml`` file in ``models_dir`` that is not hidden is a model (a missing
     models_dir means no models).  ``host_memory`` is the host's RAM in bytes,
     used to resolve ``%`` sizes.
@@ -708,14 +812,21 @@ def load_config(path: Path | None, *, host_memory: int) -> Config:
     """
     if host_memory <= 0:
         raise ValueError(f"host_memory must be positive (got {host_memory})")
+    layout = layout or system_layout()
     source: Path | None = path
-    if path is None and DEFAULT_CONFIG_PATH.exists():
-        source = DEFAULT_CONFIG_PATH
+    if path is None and layout.config_path.exists():
+        source = layout.config_path
     if source is None:
-        daemon = default_daemon_config(host_memory=host_memory)
+        daemon = default_daemon_config(host_memory=host_memory, layout=layout)
     else:
         data = _read_toml(source)
-        daemon = _parse_daemon(data, file=source, base=source.parent, host_memory=host_memory)
+        daemon = _parse_daemon(
+            data,
+            file=source,
+            base=source.parent,
+            host_memory=host_memory,
+            layout=_with_fallback(layout),
+        )
     models = {
         model.name: model
         for model in (

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, ClassVar
 import psutil
 
 from modeld import __version__
-from modeld.config import Config, ConfigError, load_config
+from modeld.config import Config, ConfigError, Layout, load_config, system_layout, user_layout
 from modeld.errors import InvalidConfig
 from modeld.metrics import Metrics
 from modeld.naming import BUS_NAME
@@ -47,7 +47,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--config", type=Path, default=None, help="configuration file")
     parser.add_argument(
-        "--user", action="store_true", help="per-user mode: use the session bus and user manager"
+        "--user",
+        action="store_true",
+        help="per-user mode: the session bus, the user's systemd manager and XDG directories",
     )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     parser.add_argument("--version", action="version", version=f"modeld {__version__}")
@@ -88,8 +90,13 @@ def _setup_logging(level: str) -> None:
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
-def read_config(path: Path | None) -> Config:
-    return load_config(path, host_memory=psutil.virtual_memory().total)
+def layout_for(args: argparse.Namespace) -> Layout:
+    """The paths of the system instance, or of this user's (``--user``)."""
+    return user_layout() if args.user else system_layout()
+
+
+def read_config(path: Path | None, layout: Layout | None = None) -> Config:
+    return load_config(path, host_memory=psutil.virtual_memory().total, layout=layout)
 
 
 class Daemon:
@@ -99,6 +106,7 @@ class Daemon:
         from modeld.system.notify import Notifier
 
         self._args = args
+        self._layout = layout_for(args)
         self._config = config
         self._notifier = Notifier()
         self._stop = asyncio.Event()
@@ -123,23 +131,45 @@ class Daemon:
         from modeld.system.systemd import Systemd
 
         started = time.monotonic()
+        per_user = self._layout.user
         sockets = take_listen_sockets()
-        bus = await connect(
-            ModeldMessageBus, BusType.SESSION if self._args.user else BusType.SYSTEM
-        )
+        bus = await connect(ModeldMessageBus, BusType.SESSION if per_user else BusType.SYSTEM)
         systemd = Systemd(bus)
         await systemd.subscribe()
-        user = default_backend_user(self._config.daemon.backend_user or None)
-        if user is None:
-            log.warning("backend user 'modeld' does not exist: backends run as modeld's own user")
+        if per_user:
+            user = self._config.daemon.backend_user  # default: this user, the only one allowed
+        else:
+            user = default_backend_user(self._config.daemon.backend_user or None)
+            if user is None:
+                log.warning(
+                    "backend user 'modeld' does not exist: backends run as modeld's own user"
+                )
+        from modeld.naming import SLICE
         from modeld.supervisor.footprints import state_directory
         from modeld.supervisor.registry import Supervisor
+        from modeld.system.cgroup import CgroupLayout, memory_delegated
         from modeld.system.gpu import open_gpu_probe
         from modeld.system.journal_logging import set_unit_lookup
 
+        manager_cgroup = (await systemd.manager_control_group()).rstrip("/")
+        memory = not per_user or memory_delegated(manager_cgroup)
+        if not memory:
+            log.warning(
+                "the memory controller is not delegated to the user manager (cgroup %s):"
+                " memory limits (memory_max, memory_high, memory_budget) will not apply"
+                " and memory use is not measured",
+                manager_cgroup or "/",
+            )
         gpu = await open_gpu_probe(log=log)
         supervisor = Supervisor(
-            self._config, systemd, self, default_user=user, gpu=gpu, state_dir=state_directory()
+            self._config,
+            systemd,
+            self,
+            cgroups=CgroupLayout.detect(memory=memory),
+            default_user=user,
+            gpu=gpu,
+            state_dir=state_directory(self._layout.state_dir),
+            slice_cgroup=f"{manager_cgroup}/{SLICE}",
         )
         self._supervisor = supervisor
         set_unit_lookup(supervisor.unit_of)
@@ -147,9 +177,12 @@ class Daemon:
         self._metrics.attach(supervisor)
         for problem in supervisor.backends.problems:
             log.warning("backend skipped: %s", problem)
+        from modeld.bus.authorization import Authorizer
         from modeld.bus.service import BusService
 
-        service = BusService(bus, supervisor, self.reload)
+        service = BusService(
+            bus, supervisor, self.reload, authorizer=Authorizer(bus, own_user_only=per_user)
+        )
         self._service = service
         service.sync_models()
         reply = await bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
@@ -162,7 +195,8 @@ class Daemon:
             await supervisor.shutdown()
             return 1
         if not sockets:
-            sockets = [bind_unix_socket(self._config.daemon.runtime_dir / "api.sock")]
+            path = self._config.daemon.runtime_dir / "api.sock"
+            sockets = [bind_unix_socket(path, 0o600 if per_user else 0o666)]
         http = HttpServer(supervisor, metrics=self._metrics)
         await http.start(sockets)
 
@@ -220,22 +254,17 @@ class Daemon:
         async with self._reload_lock:
             self._notifier.reloading()
             try:
-                config = await asyncio.to_thread(read_config, self._args.config)
+                config = await asyncio.to_thread(read_config, self._args.config, self._layout)
             except ConfigError as err:
                 log.error("reload refused, keeping the running configuration: %s", err)
                 self._notifier.ready(f"reload failed: {err}")
                 raise InvalidConfig(str(err)) from None
             assert self._supervisor is not None and self._service is not None
-            max_loaded = self._supervisor.max_loaded
             added, removed = await self._supervisor.reload(config)
             previous, self._config = self._config, config
-            self._service.sync_models()
+            self._service.sync_models()  # sends the properties the reload changed
             self._metrics.sync_models(config.models)
             self._metrics.memory_budget = config.daemon.memory_budget
-            if self._supervisor.max_loaded != max_loaded:
-                self._service.manager.emit_properties_changed(
-                    {"MaxLoaded": self._supervisor.max_loaded}
-                )
             log.info(
                 "configuration reloaded: %d models (%d added, %d removed)",
                 len(config.models),
@@ -269,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     _setup_logging(args.log_level)
     try:
-        config = read_config(args.config)
+        config = read_config(args.config, layout_for(args))
     except ConfigError as err:
         log.error("invalid configuration: %s", err)
         return EXIT_CONFIG

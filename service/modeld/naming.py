@@ -24,7 +24,8 @@ _UNIT_RE = re.compile(
     rf"^{re.escape(UNIT_PREFIX)}(?P<escaped>.+)-(?P<generation>[0-9]+){re.escape(UNIT_SUFFIX)}$"
 )
 _MAX_UNIT_ESCAPED = 200
-_MAX_SOCKET_STEM = 60
+_MAX_SOCKET_STEM = 48
+BACKEND_SOCKET_NAME = "backend.sock"
 
 
 def bus_path_escape(name: str) -> str:
@@ -104,4 +105,6 @@ def socket_stem(model: str) -> str:
 
 
 def backend_socket(runtime_dir: Path, model: str) -> Path:
-    return runtime_dir / "backends" / f"{socket_stem(model)}.sock"
+    """The model's backend socket, alone in a directory of its own (see
+    :mod:`modeld.supervisor.backend_dir`): ``<runtime_dir>/backends/<stem>/backend.sock``."""
+    return runtime_dir / "backends" / socket_stem(model) / BACKEND_SOCKET_NAME

@@ -28,7 +28,6 @@ from modeld.supervisor.records import RecordStore
 from modeld.supervisor.scheduler import Scheduler, SchedulerPolicy
 from modeld.supervisor.status import ModelStatus, StatusChange
 from modeld.system.cgroup import CgroupLayout
-from modeld.system.inotify import DirectoryWatch
 
 DEMO = Path(__file__).resolve().parents[2] / "service" / "modeld" / "data" / "demo.txt"
 M = 1024**2
@@ -54,7 +53,6 @@ class Host:
         self.systemd = ScopedSystemd()
         self.changes: list[StatusChange] = []
         self._event = asyncio.Event()
-        self.watch = DirectoryWatch(runtime / "backends")
         self.footprints = FootprintStore(self.state_dir)
         self.context = OwnerContext(
             systemd=self.systemd,
@@ -64,7 +62,6 @@ class Host:
             stop_timeout=5,
             resolve_backend=discover_backends([BUILTIN_BACKENDS_DIR]).resolve,
             default_user=None,
-            sockets=self.watch,
             records=RecordStore(runtime / "state"),
             footprints=self.footprints,
         )
@@ -104,7 +101,6 @@ class Host:
     async def close(self) -> None:
         for owner in self.owners:
             await owner.close()
-        self.watch.close()
 
 
 @contextlib.asynccontextmanager

@@ -27,7 +27,6 @@ from modeld.supervisor.owner import ModelOwner
 from modeld.supervisor.records import RecordStore
 from modeld.supervisor.status import StatusChange
 from modeld.system.cgroup import CgroupLayout
-from modeld.system.inotify import DirectoryWatch
 
 DEMO = Path(__file__).resolve().parents[2] / "service" / "modeld" / "data" / "demo.txt"
 
@@ -70,7 +69,6 @@ class Host:
         self.systemd = FakeSystemd()
         self.observer = Observer()
         self.restarts: list[str] = []
-        self.watch = DirectoryWatch(runtime / "backends")
         self.context = OwnerContext(
             systemd=self.systemd,
             cgroups=CgroupLayout.detect(),
@@ -79,7 +77,6 @@ class Host:
             stop_timeout=5,
             resolve_backend=discover_backends([BUILTIN_BACKENDS_DIR]).resolve,
             default_user=None,
-            sockets=self.watch,
             records=RecordStore(runtime / "state"),
             restart=self.restarts.append,
         )
@@ -99,7 +96,6 @@ class Host:
     async def close(self) -> None:
         for owner in self.owners:
             await owner.close()
-        self.watch.close()
 
 
 @contextlib.asynccontextmanager
@@ -299,5 +295,38 @@ def test_a_failed_load_starts_a_cooldown_that_force_skips_and_a_new_config_ends(
             await (await a.request_load())
             assert a.status.state is ModelState.READY
             assert a.status.retry_after_us == 0
+
+    run(scenario)
+
+
+def test_lease_holders_may_reach_the_private_socket_while_their_lease_is_open(
+    tmp_path: Path,
+) -> None:
+    from modeld.system.acl import ACL_XATTR, decode_users
+
+    def users(path: Path) -> dict[int, int]:
+        try:
+            return decode_users(os.getxattr(path, ACL_XATTR))
+        except OSError:
+            return {}
+
+    async def scenario() -> None:
+        async with host(tmp_path) as h:
+            early = h.owner("a")
+            lease = early.open_lease(holder_uid=4242)  # before the backend exists
+            await (await early.request_load(after=None, gpu="", force=False))
+            socket = Path(early.status.endpoint.removeprefix("unix:"))
+            assert users(socket) == {4242: 6} and users(socket.parent) == {4242: 1}
+            second = early.open_lease(holder_uid=4343)
+            await h.observer.wait(lambda: early.status.in_flight == 2)
+            assert users(socket) == {4242: 6, 4343: 6}
+            early.close_lease(lease)
+            early.close_lease(second)
+            await h.observer.wait(lambda: early.status.in_flight == 0)
+            assert users(socket) == {} and users(socket.parent) == {}
+            root = early.open_lease(holder_uid=0)  # root needs no entry
+            await h.observer.wait(lambda: early.status.in_flight == 1)
+            assert users(socket) == {}
+            early.close_lease(root)
 
     run(scenario)

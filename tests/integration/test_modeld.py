@@ -85,10 +85,12 @@ def test_load_creates_a_scope_with_the_memory_limit_holding_the_backend(modeld: 
     assert modeld.prop("demo", "MemoryCurrent") > 1024 * 1024
     pid = modeld.prop("demo", "MainPID")
     assert pid in modeld.unit_pids(unit)
-    assert modeld.prop("demo", "Endpoint") == "unix:/run/modeld/backends/demo.sock"
-    assert "demo.sock" in modeld.backend_sockets()
+    assert modeld.prop("demo", "Endpoint") == "unix:/run/modeld/backends/demo/backend.sock"
+    assert "demo" in modeld.backend_sockets()
     assert modeld.prop("demo", "LoadCount") == 1
-    assert "listening on unix:/run/modeld/backends/demo.sock" in sb.journal(identifier="demo")
+    assert "listening on unix:/run/modeld/backends/demo/backend.sock" in sb.journal(
+        identifier="demo"
+    )
 
     modeld.unload("demo")
     assert modeld.prop("demo", "State") == "unloaded"
@@ -248,7 +250,7 @@ def test_acquire_keeps_the_model_busy_until_the_lease_is_closed(modeld: Modeld) 
             return endpoint, busy, ready
 
     endpoint, busy, ready = asyncio.run(scenario())
-    assert endpoint == "unix:/run/modeld/backends/leased.sock"
+    assert endpoint == "unix:/run/modeld/backends/leased/backend.sock"
     assert (busy, ready) == ("busy", "ready")
     modeld.unload("leased")
     assert_nothing_left(modeld, "leased")

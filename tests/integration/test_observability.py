@@ -160,7 +160,9 @@ def test_journalctl_modeld_model_shows_modelds_and_the_backends_lines_for_one_mo
     entries = [e for e in journal_entries(sb, "MODELD_MODEL=m1") if e.get("MODELD_UNIT") == unit]
     backend = [e for e in entries if e.get("SYSLOG_IDENTIFIER") == "m1"]
     own = [e for e in entries if e.get("SYSLOG_IDENTIFIER") == "modeld"]
-    assert "listening on unix:/run/modeld/backends/m1.sock" in " ".join(map(message, backend))
+    assert "listening on unix:/run/modeld/backends/m1/backend.sock" in " ".join(
+        map(message, backend)
+    )
     assert all(e["_SYSTEMD_UNIT"] == unit for e in backend)  # sent from inside the scope
     own_text = "\n".join(map(message, own))
     assert "model m1: loaded in" in own_text

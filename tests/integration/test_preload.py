@@ -86,7 +86,7 @@ def test_a_preload_model_loads_after_ready_and_is_kept_over_a_restart(
         sandbox,
         tmp_path,
         models={
-            "slow": reference_model(options=("load_delay=6",), extra=PRELOAD),
+            "preloaded": reference_model(options=("load_delay=6",), extra=PRELOAD),
             "plain": reference_model(),
         },
     )
@@ -97,29 +97,33 @@ def test_a_preload_model_loads_after_ready_and_is_kept_over_a_restart(
     sandbox.systemctl("start", "modeld.service")  # Type=notify: returns at READY=1
 
     # READY came while the preload still loads (6 s inside LoadModel), with no Load call.
-    assert modeld.prop("slow", "State") == "loading"
+    assert modeld.prop("preloaded", "State") == "loading"
     assert modeld.prop("plain", "State") == "unloaded"
 
     async def scenario() -> tuple[int, int, int]:
         async with connect(sandbox.bus_address) as bus:
             recorder = await SignalRecorder(bus).start()
-            await until(bus, recorder, "slow", "State", lambda s: s == "ready")
-            pid = await get(bus, "slow", "MainPID")
+            await until(bus, recorder, "preloaded", "State", lambda s: s == "ready")
+            pid = await get(bus, "preloaded", "MainPID")
             recorder.signals.clear()
             # A restart re-adopts the backend (before the model objects are exported: no
             # signal); the preload then joins it as loaded, which announces a new LastUsed.
             await asyncio.to_thread(sandbox.systemctl, "restart", "modeld.service")
-            await recorder.wait_for(lambda: changed(recorder, "slow", "LastUsed"))
-            return pid, await get(bus, "slow", "MainPID"), await get(bus, "slow", "LoadCount")
+            await recorder.wait_for(lambda: changed(recorder, "preloaded", "LastUsed"))
+            return (
+                pid,
+                await get(bus, "preloaded", "MainPID"),
+                await get(bus, "preloaded", "LoadCount"),
+            )
 
     pid, pid_after_restart, load_count = asyncio.run(scenario())
     assert pid_after_restart == pid
     assert load_count == 1
-    assert modeld.prop("slow", "State") == "ready"
+    assert modeld.prop("preloaded", "State") == "ready"
     journal = sandbox.journal(unit="modeld.service")
-    assert journal.count("preloading slow") == 2
-    assert f"re-adopted {modeld.prop('slow', 'Unit')}" in journal
-    assert sandbox.journal(identifier="slow").count("listening on") == 1
+    assert journal.count("preloading preloaded") == 2
+    assert f"re-adopted {modeld.prop('preloaded', 'Unit')}" in journal
+    assert sandbox.journal(identifier="preloaded").count("listening on") == 1
     assert modeld.prop("plain", "State") == "unloaded"
 
 

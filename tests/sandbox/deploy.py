@@ -257,16 +257,19 @@ class Modeld:
         """Scopes, backend processes and sockets of ``name`` still there (should be none)."""
         from modeld.naming import socket_stem, unit_escape
 
-        sock = f"{socket_stem(name)}.sock"
+        stem = socket_stem(name)
         return [
             *(u for u in self.scopes() if unit_escape(name) in u),
-            *(p for p in self.backend_processes() if f"/{sock}" in p),
-            *(s for s in self.backend_sockets() if s == sock),
+            *(p for p in self.backend_processes() if f"/backends/{stem}/" in p),
+            *(s for s in self.backend_sockets() if s == stem),
         ]
 
     def backend_sockets(self) -> list[str]:
+        """The models (socket stems) whose backend socket exists."""
         directory = self.sandbox.run_dir / "modeld" / "backends"
-        return sorted(p.name for p in directory.glob("*.sock")) if directory.exists() else []
+        return (
+            sorted(p.parent.name for p in directory.glob("*/*.sock")) if directory.exists() else []
+        )
 
 
 def deploy(

@@ -88,12 +88,15 @@ def test_backends_never_inherit_systemd_variables() -> None:
         "WATCHDOG_USEC": "30000000",
         "WATCHDOG_PID": "1",
         "PYTHONPATH": "/opt/x",
+        "INVOCATION_ID": "0123",
+        "JOURNAL_STREAM": "8:1234",
         "SECRET_TOKEN": "nope",
+        "TZ": "Europe/Paris",
     }
     env = backend_environment("demo", inherited)
     assert not {k for k in env if k.startswith(("NOTIFY_", "LISTEN_", "WATCHDOG_"))}
-    assert "SECRET_TOKEN" not in env
-    assert env["PYTHONPATH"] == "/opt/x"
+    assert not {"SECRET_TOKEN", "PYTHONPATH", "INVOCATION_ID", "JOURNAL_STREAM"} & set(env)
+    assert env["TZ"] == "Europe/Paris"
     assert env["MODELD_PYTHON"] == sys.executable
     assert env["PATH"].split(":")[0] == os.path.dirname(sys.executable)
     assert env["MODELD_MODEL"] == "demo"

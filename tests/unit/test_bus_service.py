@@ -11,6 +11,7 @@ import dataclasses
 import gc
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator, Awaitable, Callable
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -50,6 +51,10 @@ class FakeSupervisor:
             "demo": FakeOwner("demo", ModelStatus()),
             "keep": FakeOwner("keep", ModelStatus(pinned=True)),
         }
+        self.config = SimpleNamespace(
+            daemon=SimpleNamespace(memory_budget=2**64 - 1),
+            models={name: owner.config for name, owner in self._owners.items()},
+        )
         self.changes: list[tuple[Any, ...]] = []
         self.max_loaded = 0
         self.unloading: asyncio.Future[None] | None = None

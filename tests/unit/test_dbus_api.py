@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import xml.etree.ElementTree as ET
 from typing import Any
 
 import pytest
@@ -174,3 +175,81 @@ def test_the_property_tables_match_the_interfaces() -> None:
     for interface, table in ((manager, MANAGER_PROPERTIES), (model, MODEL_PROPERTIES)):
         assert PROPERTIES[interface.name] is table
         assert {p.name: p.signature for p in interface.introspect().properties} == table
+
+
+def introspected(interface: Any) -> ET.Element:
+    return interface.introspect().to_xml()
+
+
+def test_every_property_says_how_it_announces_changes() -> None:
+    """Caching clients (GDBus proxies) must know which copies to trust: every property is
+    decided in api.CHANGES, and all but the default ones carry the standard annotation."""
+    from modeld.bus.api import CHANGES, EMITS_CHANGED_SIGNAL, PROPERTIES, Changes
+
+    assert {name: set(table) for name, table in CHANGES.items()} == {
+        name: set(table) for name, table in PROPERTIES.items()
+    }
+    manager = ManagerInterface(requests=None, reload=None)  # type: ignore[arg-type]
+    model = ModelInterface("demo", requests=None)  # type: ignore[arg-type]
+    annotated: dict[str, str] = {}
+    for interface in (manager, model):
+        for prop in introspected(interface).iter("property"):
+            values = [
+                a.get("value")
+                for a in prop.iter("annotation")
+                if a.get("name") == EMITS_CHANGED_SIGNAL
+            ]
+            expected = CHANGES[interface.name][str(prop.get("name"))]
+            assert values == ([] if expected is Changes.EMITS else [str(expected)])
+            if values:
+                annotated[f"{interface.name}.{prop.get('name')}"] = str(values[0])
+    assert annotated == {
+        "org.modeld1.Manager.Version": "const",
+        "org.modeld1.Manager.MemoryUsed": "false",
+        "org.modeld1.Model.Name": "const",
+        "org.modeld1.Model.MemoryCurrent": "false",
+    }
+
+
+def test_every_argument_has_a_name() -> None:
+    manager = ManagerInterface(requests=None, reload=None)  # type: ignore[arg-type]
+    model = ModelInterface("demo", requests=None)  # type: ignore[arg-type]
+    found: dict[str, list[tuple[str | None, str | None]]] = {}
+    for interface in (manager, model):
+        for member in (
+            *introspected(interface).iter("method"),
+            *introspected(interface).iter("signal"),
+        ):
+            found[f"{interface.name}.{member.get('name')}"] = [
+                (arg.get("direction"), arg.get("name")) for arg in member.iter("arg")
+            ]
+    assert found == {
+        "org.modeld1.Manager.Load": [("in", "name"), ("in", "options"), ("out", "model")],
+        "org.modeld1.Manager.Unload": [("in", "name"), ("in", "options")],
+        "org.modeld1.Manager.ListModels": [("out", "models")],
+        "org.modeld1.Manager.GetModel": [("in", "name"), ("out", "model")],
+        "org.modeld1.Manager.Reload": [],
+        "org.modeld1.Manager.Acquire": [
+            ("in", "name"),
+            ("in", "options"),
+            ("out", "endpoint"),
+            ("out", "lease"),
+        ],
+        "org.modeld1.Manager.ModelLoaded": [("out", "name"), ("out", "path")],
+        "org.modeld1.Manager.ModelUnloaded": [("out", "name"), ("out", "path"), ("out", "reason")],
+        "org.modeld1.Model.Load": [("in", "options"), ("out", "model")],
+        "org.modeld1.Model.Unload": [("in", "options")],
+        "org.modeld1.Model.SetPinned": [("in", "pinned")],
+    }
+
+
+def test_argument_names_must_match_the_arguments() -> None:
+    from modeld.bus.annotations import describe
+    from modeld.bus.connection import introspection as intr
+
+    spec = intr.Interface(
+        "org.modeld1.Manager",
+        methods=[intr.Method("Acquire", [], [intr.Arg("s", intr.ArgDirection.OUT)])],
+    )
+    with pytest.raises(ValueError, match="Acquire: 2 argument names for 1 arguments"):
+        describe(spec)

@@ -50,13 +50,15 @@ def test_scope_names_are_valid_and_parse_back(name: str, generation: int) -> Non
 
 
 @given(st.text(min_size=1, max_size=300))
-def test_socket_paths_are_short_and_flat(name: str) -> None:
+def test_socket_paths_are_short_and_private(name: str) -> None:
     from pathlib import Path
 
     path = backend_socket(Path("/run/modeld"), name)
-    assert path.parent == Path("/run/modeld/backends")
-    assert len(str(path)) < 107
-    assert "/" not in path.name and "\\" not in path.name
+    assert path.parent.parent == Path("/run/modeld/backends")
+    assert path.name == "backend.sock"
+    assert "/" not in path.parent.name and path.parent.name not in ("", ".", "..")
+    longest_user_runtime = Path("/run/user/4294967294/modeld")  # modeld --user
+    assert len(str(backend_socket(longest_user_runtime, name))) < 107
 
 
 def test_distinct_long_names_get_distinct_units() -> None:

@@ -24,10 +24,39 @@ STOP_GRACE_SECONDS = 0.5
 
 
 class ProcessControl:
-    """Process-wide switches that outlive one RPC (set by LoadModel, read at SIGTERM)."""
+    """Process-wide switches that outlive one RPC (set by LoadModel, read at SIGTERM), and
+    the fds the process was started with (before gRPC or anything else opened one)."""
 
-    def __init__(self) -> None:
+    def __init__(self, inherited_fds: dict[int, str] | None = None) -> None:
         self.ignore_sigterm = False
+        self.inherited_fds = inherited_fds or {}
+
+
+def open_fds() -> dict[int, str]:
+    """The file descriptors open in this process now, with what each refers to."""
+    found = {}
+    for entry in os.listdir("/proc/self/fd"):
+        try:
+            found[int(entry)] = os.readlink(f"/proc/self/fd/{entry}")
+        except FileNotFoundError:
+            continue  # the descriptor listdir itself used, closed by now
+    return dict(sorted(found.items()))
+
+
+def identity(inherited_fds: dict[int, str]) -> dict[str, object]:
+    """Who this process runs as and what it was given (for tests of modeld's leash)."""
+    with open("/proc/self/status", encoding="ascii") as status:
+        umask = next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
+    return {
+        "uid": os.getuid(),
+        "euid": os.geteuid(),
+        "gid": os.getgid(),
+        "groups": sorted(os.getgroups()),
+        "umask": umask,
+        "cwd": os.getcwd(),
+        "environ": dict(os.environ),
+        "inherited_fds": {str(fd): target for fd, target in inherited_fds.items()},
+    }
 
 
 def parse_args(argv: list[str] | None, prog: str, description: str) -> argparse.Namespace:
@@ -75,6 +104,7 @@ def serve(
     wakes up, and a signal delivered to one of gRPC's threads does not wake it.
     """
     set_name(name)
+    inherited_fds = open_fds()
     signals = {signal.SIGTERM, signal.SIGINT}
     for sig in signals:  # an inherited SIG_IGN would make sigwait miss them
         signal.signal(sig, signal.SIG_DFL)
@@ -89,7 +119,7 @@ def serve(
 
     from modeld.rpc import backend_pb2_grpc
 
-    control = ProcessControl()
+    control = ProcessControl(inherited_fds)
     server = grpc.server(
         ThreadPoolExecutor(max_workers=args.workers, thread_name_prefix="rpc"),
         # Fail on a TCP port that is already taken instead of sharing it.

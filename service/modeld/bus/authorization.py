@@ -6,7 +6,8 @@ writable property (on its getter; reading is open to everyone). The gate
 refuses calls to such a member, so a forgotten rule fails closed.
 
 A rule names the polkit action it needs. polkit is not consulted yet: root (and modeld's own
-user, for per-user instances) hold every action; other users are refused.
+user, for per-user instances) hold every action; other users are refused. A per-user modeld
+(``own_user_only``) never asks polkit: only its own user holds the actions.
 """
 
 from __future__ import annotations
@@ -87,9 +88,11 @@ def rule_of(fn: Callable[..., Any]) -> Rule | None:
 class Authorizer:
     """Checks the calling connection's uid; unique names are never reused, so uids cache."""
 
-    def __init__(self, bus: MessageBus) -> None:
+    def __init__(self, bus: MessageBus, *, own_user_only: bool = False) -> None:
+        """``own_user_only``: a per-user modeld; only its own uid holds the actions."""
         self._bus = bus
         self._uids: dict[str, int] = {}
+        self._own_user_only = own_user_only
 
     async def uid_of(self, sender: str) -> int:
         uid = self._uids.get(sender)
@@ -117,8 +120,13 @@ class Authorizer:
             uid = await self.uid_of(sender)
         except DBusError as err:
             raise AccessDenied(f"{needs}: cannot identify the caller ({err.text})") from None
-        if uid in (0, os.getuid()):
+        if uid == os.getuid() or (uid == 0 and not self._own_user_only):
             return
+        if self._own_user_only:
+            raise AccessDenied(
+                f"{needs}: this is the per-user modeld of uid {os.getuid()}; only that user"
+                f" may change its state (uid {uid} may not)"
+            )
         raise AccessDenied(
             f"{needs}: uid {uid} may not change modeld's state; only root may"
             " (polkit authorization is not supported yet)"

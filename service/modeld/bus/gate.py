@@ -20,6 +20,7 @@ from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
 from modeld.bus import api
+from modeld.bus.annotations import describe
 from modeld.bus.authorization import Action, Authorizer, rule_of
 from modeld.bus.connection import (
     INTERNAL_ERROR,
@@ -47,7 +48,8 @@ class ApiInterface(ServiceInterface):
     """An interface of org.modeld1, exported through a :class:`Gate`.
 
     Its properties are read-only to dbus-next; those listed in :data:`api.WRITABLE`
-    introspect as read-write, and the gate applies writes to them.
+    introspect as read-write, and the gate applies writes to them. Its introspection data
+    carries the annotations and argument names of :mod:`modeld.bus.annotations`.
     """
 
     def model_of(self, args: Mapping[str, Any]) -> str | None:
@@ -64,7 +66,7 @@ class ApiInterface(ServiceInterface):
             else p
             for p in spec.properties
         ]
-        return spec
+        return describe(spec)
 
 
 def check_rules(interface: ServiceInterface) -> None:

@@ -42,7 +42,8 @@ from modeld.bus.signatures import (
     UINT32,
     UINT64,
 )
-from modeld.errors import InvalidArgs, ModeldError
+from modeld.config import ModelConfig
+from modeld.errors import InvalidArgs, ModeldError, NoSuchModel
 from modeld.naming import MANAGER_INTERFACE, MANAGER_PATH, MODEL_INTERFACE, model_object_path
 from modeld.supervisor.registry import Supervisor
 from modeld.supervisor.status import ModelStatus, StatusChange
@@ -51,6 +52,7 @@ log = logging.getLogger(__name__)
 
 
 _F = TypeVar("_F", bound=Callable[..., Coroutine[Any, Any, Any]])
+_T = TypeVar("_T")
 
 _STATUS_PROPERTIES: tuple[tuple[str, Callable[[ModelStatus], object]], ...] = (
     ("State", lambda s: str(s.state)),
@@ -70,6 +72,29 @@ _STATUS_PROPERTIES: tuple[tuple[str, Callable[[ModelStatus], object]], ...] = (
     ("GpuMemory", lambda s: s.gpu_memory),
 )
 """Model properties that mirror a status field, with their typed accessors."""
+
+_CONFIG_PROPERTIES: tuple[tuple[str, Callable[[ModelConfig], object]], ...] = (
+    ("Backend", lambda c: c.backend),
+    ("ConcurrencyGroups", lambda c: list(c.concurrency_groups)),
+)
+"""Model properties read from its configuration (a reload changes them), with their accessors."""
+
+_MANAGER_PROPERTIES: tuple[tuple[str, Callable[[Supervisor], object]], ...] = (
+    ("LoadedCount", lambda s: s.loaded_count()),
+    ("MaxLoaded", lambda s: s.max_loaded),
+    ("MemoryBudget", lambda s: s.config.daemon.memory_budget),
+)
+"""Manager properties that a status change, a write or a reload changes, with their accessors."""
+
+
+def _read(
+    accessors: tuple[tuple[str, Callable[[_T], object]], ...], source: _T
+) -> dict[str, object]:
+    return {name: read(source) for name, read in accessors}
+
+
+def _changed(before: Mapping[str, object], after: Mapping[str, object]) -> dict[str, object]:
+    return {name: value for name, value in after.items() if before.get(name) != value}
 
 
 def _replies_errors(fn: _F) -> _F:
@@ -163,13 +188,20 @@ class ModelInterface(ApiInterface):
     def _status(self) -> Any:
         return self._supervisor.status(self._model_name)
 
+    def model_config(self) -> ModelConfig:
+        """The model's configuration as the supervisor has it (a reload replaces it at once)."""
+        config = self._supervisor.config.models.get(self._model_name)
+        if config is None:
+            raise NoSuchModel(f"no model named {self._model_name!r} is configured")
+        return config
+
     @dbus_property(access=PropertyAccess.READ)
     def Name(self) -> STRING:
         return self._model_name
 
     @dbus_property(access=PropertyAccess.READ)
     def Backend(self) -> STRING:
-        return self._supervisor.owner(self._model_name).config.backend
+        return self.model_config().backend
 
     @dbus_property(access=PropertyAccess.READ)
     def State(self) -> STRING:
@@ -227,7 +259,7 @@ class ModelInterface(ApiInterface):
 
     @dbus_property(access=PropertyAccess.READ)
     def ConcurrencyGroups(self) -> STRINGS:
-        return list(self._supervisor.owner(self._model_name).config.concurrency_groups)
+        return list(self.model_config().concurrency_groups)
 
     @dbus_property(access=PropertyAccess.READ)
     def LastError(self) -> STRING:
@@ -346,7 +378,13 @@ class ManagerInterface(ApiInterface):
 
 
 class BusService:
-    """Exports the API through the gate, applies property writes, mirrors owner events."""
+    """Exports the API through the gate, applies property writes, mirrors owner events.
+
+    Every property :data:`api.CHANGES <modeld.bus.api.CHANGES>` says emits is sent in
+    ``PropertiesChanged`` when it changes: a model's status fields when its owner publishes
+    a change, the manager's figures and the models' configured ones (compared with what was
+    last sent) after a status change, a write and a reload (:meth:`sync_models`).
+    """
 
     def __init__(
         self,
@@ -366,19 +404,38 @@ class BusService:
         self._requests = _Requests(supervisor, bus)
         self.manager = ManagerInterface(self._requests, reload)
         self._models: dict[str, ModelInterface] = {}
-        self._loaded_count = supervisor.loaded_count()
+        self._sent_manager = _read(_MANAGER_PROPERTIES, supervisor)
+        self._sent_configs: dict[str, dict[str, object]] = {}
         self._gate.export(MANAGER_PATH, self.manager)
 
     def sync_models(self) -> None:
-        """Export an object per configured model; drop objects of removed models."""
+        """Export an object per configured model, drop those of removed models, and send
+        what the configuration changed (call after every reload)."""
         names = {o.name for o in self._supervisor.owners()}
         for name in list(self._models):
             if name not in names:
                 self._gate.unexport(model_object_path(name), self._models.pop(name))
+                self._sent_configs.pop(name, None)
         for name in sorted(names - set(self._models)):
             interface = ModelInterface(name, self._requests)
             self._models[name] = interface
+            self._sent_configs[name] = _read(_CONFIG_PROPERTIES, interface.model_config())
             self._gate.export(model_object_path(name), interface)
+        for name, interface in self._models.items():
+            now = _read(_CONFIG_PROPERTIES, interface.model_config())
+            changed = _changed(self._sent_configs[name], now)
+            self._sent_configs[name] = now
+            if changed:
+                interface.emit_properties_changed(changed)
+        self._send_manager_changes()
+
+    def _send_manager_changes(self) -> None:
+        now = _read(_MANAGER_PROPERTIES, self._supervisor)
+        changed = _changed(self._sent_manager, now)
+        self._sent_manager = now
+        if changed:
+            with contextlib.suppress(Exception):
+                self.manager.emit_properties_changed(changed)
 
     def _pinned(self, model: str) -> bool:
         try:
@@ -394,25 +451,18 @@ class BusService:
             )
         self._supervisor.set_max_loaded(int(value))
         log.info("MaxLoaded set to %d", value)
-        self.manager.emit_properties_changed({"MaxLoaded": int(value)})
+        self._send_manager_changes()
 
     # -------------------------------------------------------- OwnerObserver interface
 
     def on_status_changed(self, change: StatusChange) -> None:
         interface = self._models.get(change.model)
-        if interface is None:
-            return
-        properties = {}
-        for name, read in _STATUS_PROPERTIES:
-            value = read(change.after)
-            if value != read(change.before):
-                properties[name] = value
-        if properties:
-            interface.emit_properties_changed(properties)
-        if change.state_changed and self._loaded_count != self._supervisor.loaded_count():
-            self._loaded_count = self._supervisor.loaded_count()
-            with contextlib.suppress(Exception):
-                self.manager.emit_properties_changed({"LoadedCount": self._loaded_count})
+        if interface is not None:
+            before = _read(_STATUS_PROPERTIES, change.before)
+            changed = _changed(before, _read(_STATUS_PROPERTIES, change.after))
+            if changed:
+                interface.emit_properties_changed(changed)
+        self._send_manager_changes()
 
     def on_loaded(self, model: str) -> None:
         self.manager.ModelLoaded(model, model_object_path(model))

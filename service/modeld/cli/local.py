@@ -18,9 +18,11 @@ if TYPE_CHECKING:
 
 def cmd_logs(args: argparse.Namespace) -> int:
     """Replace this process with journalctl showing the model's lines: its backend's output
-    and what modeld logged about it (both carry the journal field ``MODELD_MODEL``)."""
+    and what modeld logged about it (both carry the journal field ``MODELD_MODEL``); with
+    ``--user``, those of this user's modeld (``journalctl --user``)."""
     match = f"MODELD_MODEL={args.name}"
-    argv = ["journalctl", match, "-o", "json" if args.json else "short-iso"]
+    argv = ["journalctl", *(["--user"] if args.user else []), match]
+    argv += ["-o", "json" if args.json else "short-iso"]
     argv.append("--no-pager")
     if args.lines is not None:
         argv += ["-n", str(args.lines)]
@@ -35,16 +37,18 @@ def cmd_logs(args: argparse.Namespace) -> int:
     return 1  # not reached: execvp does not return
 
 
-def _load(config_file: str | None) -> tuple[Config, BackendIndex, tuple[Path, ...]]:
+def _load(config_file: str | None, *, user: bool) -> tuple[Config, BackendIndex, tuple[Path, ...]]:
+    """The configuration modeld would read: the system's, or this user's (``--user``)."""
     import psutil
 
-    from modeld.config import ConfigError, load_config
+    from modeld.config import ConfigError, load_config, system_layout, user_layout
     from modeld.discovery import discover_backends, effective_backend_dirs
 
     try:
         config = load_config(
             Path(config_file) if config_file else None,
             host_memory=psutil.virtual_memory().total,
+            layout=user_layout() if user else system_layout(),
         )
     except ConfigError as err:
         raise CliError(INVALID_CONFIG, str(err)) from None
@@ -81,7 +85,7 @@ def _warn(lines: list[str]) -> None:
 
 
 def cmd_backends(args: argparse.Namespace) -> int:
-    config, index, dirs = _load(args.config)
+    config, index, dirs = _load(args.config, user=args.user)
     backends = index.all()
     users: dict[int, list[str]] = {i: [] for i in range(len(backends))}
     for model in config.models.values():
@@ -131,7 +135,7 @@ def cmd_backends(args: argparse.Namespace) -> int:
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
-    config, index, dirs = _load(args.config)
+    config, index, dirs = _load(args.config, user=args.user)
     unresolved = _unresolved(config, index, dirs)
     if unresolved:
         if not args.json:

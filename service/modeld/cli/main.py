@@ -29,7 +29,7 @@ def _common_options(defaults: bool) -> argparse.ArgumentParser:
         "--user",
         action="store_true",
         default=default,
-        help="talk to modeld on the session (user) bus instead of the system bus",
+        help="this user's modeld (session bus, ~/.config/modeld) instead of the system's",
     )
     return parser
 

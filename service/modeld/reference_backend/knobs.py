@@ -6,7 +6,8 @@ bad values are errors naming the key, so a typo in a test never passes silently.
 
 Inside LoadModel the knobs act in this order: ``ignore_sigterm`` (at once, even if the
 load then hangs), ``load_delay``, ``crash_on_load``, ``hang_on_load``, ``fail_load``,
-then the real load, ``alloc_mb``, and the ``crash_after`` / ``hang_after`` clocks start.
+then the real load, ``alloc_mb``, and the ``crash_after`` / ``hang_after`` clocks start;
+``report_identity`` logs the process's identity at the start of LoadModel.
 A later LoadModel replaces all knobs (and cancels pending ``crash_after``/``hang_after``);
 Free cancels them too. ``predict_delay`` applies to Predict, PredictStream and Embedding.
 """
@@ -45,6 +46,9 @@ class Knobs:
     """Seconds after a successful load from which every RPC blocks forever."""
     ignore_sigterm: bool = False
     """SIGTERM is logged and ignored."""
+    report_identity: bool = False
+    """LoadModel logs what the process was given: ``identity: {json}`` with its uids,
+    gids, groups, umask, working directory, environment and the fds it inherited."""
 
 
 def _seconds(key: str, raw: str) -> float:
@@ -90,6 +94,7 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "hang_on_load": _bool,
     "hang_after": _seconds,
     "ignore_sigterm": _bool,
+    "report_identity": _bool,
 }
 assert set(_PARSERS) == {f.name for f in fields(Knobs)}
 

@@ -7,6 +7,7 @@ and turned into gRPC statuses; anything unexpected is logged and becomes INTERNA
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -22,7 +23,7 @@ from modeld.backend_kit.log import log
 from modeld.backend_kit.memory import MIB, release_memory
 from modeld.backend_kit.options import model_path
 from modeld.backend_kit.rpc import RpcAbort, streaming, unary
-from modeld.backend_kit.server import ProcessControl
+from modeld.backend_kit.server import ProcessControl, identity
 from modeld.backend_kit.status import status_reply
 from modeld.reference_backend.knobs import KnobError, Knobs, parse_knobs
 from modeld.reference_backend.memory import allocate_touched
@@ -178,6 +179,8 @@ class ReferenceBackend:
             log(f"LoadModel refused: {e}")
             return pb.Result(success=False, message=str(e))
         self._control.ignore_sigterm = knobs.ignore_sigterm
+        if knobs.report_identity:
+            log(f"identity: {json.dumps(identity(self._control.inherited_fds))}")
         path = model_path(request)
         log(f"loading {path or '(no file)'} (knobs: {_describe(knobs)})")
         with self._load_lock:

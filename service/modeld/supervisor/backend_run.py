@@ -26,7 +26,7 @@ from typing import Any
 from modeld.config import ModelConfig
 from modeld.discovery import Backend
 from modeld.errors import LoadFailed, SystemdError
-from modeld.naming import SLICE
+from modeld.naming import BACKEND_SOCKET_NAME, SLICE
 from modeld.rpc.client import BackendClient, build_model_options
 from modeld.supervisor.environment import backend_environment, credentials_for
 from modeld.supervisor.footprints import FootprintStore
@@ -34,6 +34,13 @@ from modeld.supervisor.records import RecordStore
 from modeld.supervisor.spawn import Credentials, ExitStatus, GatedProcess, WatchedProcess
 from modeld.supervisor.systemd_api import SystemdApi
 from modeld.system import journal, journald
+from modeld.system.acl import EXECUTE, READ, WRITE, grant_users
+from modeld.system.backend_dir import (
+    BACKEND_UMASK,
+    prepare_backend_dir,
+    remove_backend_dir,
+    secure_socket,
+)
 from modeld.system.cgroup import (
     CgroupLayout,
     OomWatch,
@@ -43,6 +50,7 @@ from modeld.system.cgroup import (
 )
 from modeld.system.inotify import DirectoryWatch
 from modeld.system.systemd import ScopeSpec
+from modeld.units import UINT64_MAX
 
 log = logging.getLogger(__name__)
 
@@ -88,13 +96,13 @@ class OwnerContext:
     stop_timeout: float
     resolve_backend: Callable[[str], Backend | None]
     default_user: str | None
-    sockets: DirectoryWatch
-    """The watch on ``runtime_dir/backends`` that sees backend sockets appear."""
     records: RecordStore
     """Where ready backends are recorded for re-adoption after a restart."""
     log_relay: bool = True
     """Backends' output goes through a log relay that adds MODELD_MODEL (daemon key
     ``backend_log_fields``)."""
+    memory_ceiling: int = UINT64_MAX
+    """MemoryMax of a scope whose model sets no ``memory_max`` (the memory budget)."""
     restart: Callable[[str], None] = lambda _name: None
     """Asks the supervisor to load a model again (``restart = "on-failure"``)."""
     footprints: FootprintStore = field(default_factory=FootprintStore)
@@ -125,6 +133,11 @@ class BackendRun:
     relay: GatedProcess | None = None
     """The log relay that sends the backend's output to the journal (in its scope)."""
     relay_exited: asyncio.Event = field(default_factory=asyncio.Event)
+    socket_ready: bool = False
+    """The socket exists and is secured: admissions apply to it at once."""
+    admitted: frozenset[int] | None = None
+    """Users (lease holders) who may connect to the socket besides root and the backend
+    (None until the owner first says: what an earlier modeld granted is then undone)."""
     footprint_key: str = ""
     """The configuration it was started with (:func:`footprints.footprint_key`; "": unknown)."""
     memory_seen: int = 0
@@ -140,8 +153,9 @@ class BackendRun:
 
     @property
     def log_file(self) -> Path:
-        """Where the backend's output goes when journald is not reachable."""
-        return self.socket.with_suffix(".log")
+        """Where the backend's output goes when journald is not reachable (beside its
+        private directory, which goes with the backend)."""
+        return self.socket.parent.with_suffix(".log")
 
     @property
     def phase(self) -> str:
@@ -188,8 +202,9 @@ class BackendRun:
             raise LoadFailed(f"backend '{config.backend}' of model {self.model} is not installed")
         options = build_model_options(config.model, config.options)
         credentials = credentials_for(config.user or context.default_user)
-        with contextlib.suppress(FileNotFoundError):
-            self.socket.unlink()
+        prepare_backend_dir(
+            self.socket.parent, (credentials.uid, credentials.gid) if credentials else None
+        )
         self.phase = "spawning"
         output_fd = self._open_output(credentials, relay=context.log_relay)
         try:
@@ -200,6 +215,7 @@ class BackendRun:
                 output_fd=output_fd,
                 credentials=credentials,
                 on_exit=on_exit,
+                umask=BACKEND_UMASK,
             )
         except BaseException:
             if self.relay is not None:
@@ -263,7 +279,9 @@ class BackendRun:
             unit=self.unit,
             description=f"modeld backend for model {self.model} ({config.backend})",
             slice=SLICE,
-            memory_max=config.memory_max,
+            memory_max=(
+                config.memory_max if config.memory_max != UINT64_MAX else context.memory_ceiling
+            ),
             memory_high=config.memory_high,
             tasks_max=config.tasks_max,
             cpu_weight=config.cpu_weight,
@@ -289,7 +307,11 @@ class BackendRun:
 
     async def _handshake(self, context: OwnerContext, options: Any) -> None:
         self.phase = "waiting for its socket"
-        await context.sockets.wait_for(self.socket.name)
+        with DirectoryWatch(self.socket.parent) as watch:
+            await watch.wait_for(self.socket.name)
+        secure_socket(self.socket)
+        self.socket_ready = True
+        self._apply_admission()
         await until_listening(self.socket)
         self.client = BackendClient(self.address)
         self.phase = "waiting for Health"
@@ -392,10 +414,41 @@ class BackendRun:
             self.oom.close()
         if self.client is not None:
             await self.client.close()
-        with contextlib.suppress(FileNotFoundError):
-            self.socket.unlink()
+        self._remove_socket()
         context.records.remove(self.unit)
         return result
+
+    def admit(self, users: frozenset[int]) -> None:
+        """Let ``users`` (and no other user but root and the backend's) reach the socket:
+        an ACL on its private directory and on it, applied once the socket exists."""
+        if users != self.admitted:
+            self.admitted = users
+            if self.socket_ready:
+                self._apply_admission()
+
+    def _apply_admission(self) -> None:
+        if self.socket.name != BACKEND_SOCKET_NAME:
+            return  # a socket of a modeld from before private directories: not private
+        users = (self.admitted or frozenset()) - {0}
+        try:
+            grant_users(self.socket.parent, users, EXECUTE)
+            grant_users(self.socket, users, READ | WRITE)
+        except OSError as err:
+            log.warning(
+                "model %s: cannot let lease holders (uids %s) reach the backend: %s",
+                self.model,
+                ", ".join(map(str, sorted(users))) or "none",
+                err.strerror or err,
+            )
+
+    def _remove_socket(self) -> None:
+        """Remove the backend's private directory (or, for a backend started by a modeld
+        from before private directories, its socket alone)."""
+        if self.socket.name == BACKEND_SOCKET_NAME:
+            remove_backend_dir(self.socket.parent)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                self.socket.unlink()
 
     async def _end_relay(self) -> None:
         """The relay ends once the backend's output is closed; give it a moment to send

@@ -15,13 +15,17 @@ log = logging.getLogger(__name__)
 
 DEFAULT_BACKEND_USER = "modeld"
 _SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-_PASSED_THROUGH = ("PYTHONPATH", "LANG", "LC_ALL", "TZ", "LD_LIBRARY_PATH")
+_PASSED_THROUGH = ("LANG", "LC_ALL", "TZ", "LD_LIBRARY_PATH")
+"""modeld's own variables a backend still sees: its locale, time zone and library path."""
 
 
 def backend_environment(
     model_name: str, inherited: Mapping[str, str] = os.environ, *, gpu: str = ""
 ) -> dict[str, str]:
-    """A clean environment: never modeld's NOTIFY_SOCKET, LISTEN_* or WATCHDOG_*.
+    """A clean environment, built from nothing: PATH, HOME, MODELD_PYTHON, MODELD_MODEL,
+    LANG and PYTHONUNBUFFERED, CUDA_VISIBLE_DEVICES when placed on a GPU, and of modeld's
+    own only :data:`_PASSED_THROUGH`; never NOTIFY_SOCKET, LISTEN_*, WATCHDOG_*,
+    INVOCATION_ID, JOURNAL_STREAM, PYTHONPATH or anything else modeld was started with.
 
     ``MODELD_PYTHON`` and the first PATH entry point at modeld's own interpreter, so Python
     backends shipped with modeld run in modeld's environment (a venv or a distro install).

@@ -32,11 +32,12 @@ FILE_NAME: Final = "footprints.json"
 DEFAULT_STATE_DIR: Final = Path("/var/lib/modeld")
 
 
-def state_directory() -> Path:
+def state_directory(default: Path = DEFAULT_STATE_DIR) -> Path:
     """modeld's state directory: the first of ``$STATE_DIRECTORY`` (systemd sets it from
-    ``StateDirectory=``, ``~/.local/state/modeld`` for a user unit), else /var/lib/modeld."""
+    ``StateDirectory=``, ``~/.local/state/modeld`` for a user unit), else ``default``
+    (/var/lib/modeld; a per-user modeld passes ``$XDG_STATE_HOME/modeld``)."""
     configured = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
-    return Path(configured) if configured else DEFAULT_STATE_DIR
+    return Path(configured) if configured else default
 
 
 def footprint_key(config: ModelConfig) -> str:

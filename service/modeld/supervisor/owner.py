@@ -130,6 +130,7 @@ class _RequestEnded:
 @dataclass
 class _LeaseOpened:
     lease: int
+    holder_uid: int | None
 
 
 @dataclass
@@ -232,7 +233,8 @@ class ModelOwner:
         self._requests: dict[int, float | None] = {}
         """Requests counted in use: id -> when it began running on the backend (None while
         it waits for the model or a slot). Kept across backends: the caller always ends it."""
-        self._leases: set[int] = set()
+        self._leases: dict[int, int | None] = {}
+        """Open leases and the uid of each holder (None: not known)."""
         self._ready_at = 0.0
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._failures_in_a_row = 0
@@ -301,15 +303,22 @@ class ModelOwner:
     def end_request(self, request: int) -> None:
         self._inbox.put_nowait(_RequestEnded(request))
 
-    def open_lease(self) -> int:
+    def open_lease(self, holder_uid: int | None = None) -> int:
         """Count a lease (Acquire) as use until :meth:`close_lease`: the model is not
-        evicted without force, never times out as busy, and its LastUsed is refreshed."""
+        evicted without force, never times out as busy, and its LastUsed is refreshed.
+        While it is open, ``holder_uid`` may connect to the backend's socket."""
         lease = next(_use_ids)
-        self._inbox.put_nowait(_LeaseOpened(lease))
+        self._inbox.put_nowait(_LeaseOpened(lease, holder_uid))
         return lease
 
     def close_lease(self, lease: int) -> None:
         self._inbox.put_nowait(_LeaseClosed(lease))
+
+    def _admit_lease_holders(self) -> None:
+        """Let exactly the holders of open leases reach the backend's socket."""
+        if self._backend is not None:
+            holders = {uid for uid in self._leases.values() if uid is not None}
+            self._backend.admit(frozenset(holders))
 
     def report_gpu_memory(self, used: int) -> None:
         """The backend's measured GPU memory (from NVML, attributed through its cgroup)."""
@@ -402,12 +411,14 @@ class ModelOwner:
             case _RequestEnded(request=request):
                 if self._requests.pop(request, 0) != 0:
                     await self._use_changed()
-            case _LeaseOpened(lease=lease):
-                self._leases.add(lease)
+            case _LeaseOpened(lease=lease, holder_uid=uid):
+                self._leases[lease] = uid
+                self._admit_lease_holders()
                 await self._use_changed()
             case _LeaseClosed(lease=lease):
                 if lease in self._leases:
-                    self._leases.discard(lease)
+                    del self._leases[lease]
+                    self._admit_lease_holders()
                     await self._use_changed()
             case _Timeout():
                 await self._on_timeout(message)
@@ -482,6 +493,7 @@ class ModelOwner:
             footprint_key=self._footprint_key,
         )
         self._backend = backend
+        self._admit_lease_holders()
         self._set_state(
             ModelState.LOADING,
             unit=backend.unit,
@@ -584,8 +596,10 @@ class ModelOwner:
             started_us=record.started_us,
             scope_started=True,
             footprint_key=record.footprint_key,
+            socket_ready=True,
         )
         self._backend = backend
+        self._admit_lease_holders()
         self._next_generation = max(self._next_generation, record.generation + 1)
         self._set_state(
             ModelState.LOADING,

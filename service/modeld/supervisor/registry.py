@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import socket
 from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping
 from dataclasses import dataclass
@@ -39,9 +38,9 @@ from modeld.supervisor.request_queue import RequestQueue
 from modeld.supervisor.scheduler import DecideFunction, Scheduler, SchedulerPolicy
 from modeld.supervisor.status import ModelStatus, StatusChange
 from modeld.supervisor.systemd_api import SystemdApi
+from modeld.system.backend_dir import prepare_backends_dir
 from modeld.system.cgroup import CgroupLayout
 from modeld.system.gpu import GpuProbe, NullProbe
-from modeld.system.inotify import DirectoryWatch
 from modeld.system.journal_logging import attributed_to
 from modeld.system.pressure import PressureTrigger, pressure_file, read_pressure
 
@@ -128,8 +127,11 @@ class Supervisor:
         decide: DecideFunction = decide_load,
         watch_pressure: bool = True,
         state_dir: Path | None = None,
+        slice_cgroup: str = "/" + SLICE,
     ) -> None:
-        """``state_dir``: where learned footprints persist (None: in memory only)."""
+        """``state_dir``: where learned footprints persist (None: in memory only).
+        ``slice_cgroup``: the cgroup of modeld.slice (below a user manager's own cgroup for
+        a per-user modeld), whose memory pressure is watched."""
         self.config = config
         self._state_dir = state_dir
         self._systemd = systemd
@@ -138,7 +140,7 @@ class Supervisor:
         self._default_user = default_user
         self._owners: dict[str, ModelOwner] = {}
         self.gpu = gpu or NullProbe()
-        self._pressure_path = pressure_file("/" + SLICE) if watch_pressure else None
+        self._pressure_path = pressure_file(slice_cgroup) if watch_pressure else None
         path = self._pressure_path
         self.max_loaded = config.daemon.max_loaded
         self._scheduler = Scheduler(
@@ -160,10 +162,7 @@ class Supervisor:
 
     async def start(self) -> None:
         """Prepare the runtime dir, clear scopes left by an earlier run, create owners."""
-        backends_dir = self.config.daemon.runtime_dir / "backends"
-        backends_dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(backends_dir, 0o1733)
-        self._sockets = DirectoryWatch(backends_dir)
+        prepare_backends_dir(self.config.daemon.runtime_dir / "backends")
         self._records = RecordStore(self.config.daemon.runtime_dir / "state")
         self._footprints = FootprintStore(self._state_dir)
         await self._apply_memory_budget()
@@ -247,7 +246,7 @@ class Supervisor:
             stop_timeout=self.config.daemon.stop_timeout,
             resolve_backend=self.backends.resolve,
             default_user=self._default_user,
-            sockets=self._sockets,
+            memory_ceiling=self.config.daemon.memory_budget,
             records=self._records,
             footprints=self._footprints,
             log_relay=self.config.daemon.backend_log_fields,
@@ -278,7 +277,6 @@ class Supervisor:
         await self._scheduler.close()
         for task in list(self._tasks):
             task.cancel()
-        self._sockets.close()
 
     async def detach(self) -> None:
         """End the owners but leave every backend running (modeld is being restarted)."""
@@ -483,10 +481,11 @@ class Supervisor:
             queue.leave(had_slot=ticket.has_slot)
             owner.end_request(request)
 
-    async def acquire(self, name: str) -> Lease:
-        """Load ``name`` if needed and hand out a lease fd that keeps it in use."""
+    async def acquire(self, name: str, holder_uid: int | None = None) -> Lease:
+        """Load ``name`` if needed and hand out a lease fd that keeps it in use; while it
+        is open, ``holder_uid`` may connect to the backend's socket (the endpoint)."""
         owner = self.owner(name)
-        lease = owner.open_lease()
+        lease = owner.open_lease(holder_uid)
         try:
             await (await self.load(name))
         except BaseException:

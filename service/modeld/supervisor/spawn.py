@@ -120,10 +120,12 @@ class GatedProcess(WatchedProcess):
         credentials: Credentials | None,
         on_exit: Callable[[ExitStatus], None],
         gate_pipe: tuple[int, int] | None = None,
+        umask: int = -1,
     ) -> None:
         """``gate_pipe`` (read end, write end; both taken over): the token comes through
         this pipe and its read end stays the process's stdin (default: a pipe of its
-        own, and stdin is /dev/null after the gate)."""
+        own, and stdin is /dev/null after the gate). ``umask``: the process's (-1:
+        modeld's own)."""
         gate_read, self._gate_write = gate_pipe or os.pipe2(os.O_CLOEXEC)
         script = _GATE_SCRIPT if gate_pipe is None else _GATE_KEEP_STDIN
         try:
@@ -139,6 +141,7 @@ class GatedProcess(WatchedProcess):
                 user=credentials.uid if credentials else None,
                 group=credentials.gid if credentials else None,
                 extra_groups=[] if credentials else None,
+                umask=umask,
             )
         except BaseException:
             os.close(self._gate_write)

@@ -23,13 +23,14 @@ def take_listen_sockets() -> list[socket.socket]:
     return sockets
 
 
-def bind_unix_socket(path: Path) -> socket.socket:
-    """Bind a listening stream socket at ``path``, mode 0666 (used without socket activation)."""
+def bind_unix_socket(path: Path, mode: int = 0o666) -> socket.socket:
+    """Bind a listening stream socket at ``path`` with ``mode`` (used without socket
+    activation; a per-user modeld passes 0600, as its socket unit does)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.is_socket():
         path.unlink()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.bind(str(path))
-    os.chmod(path, 0o666)
+    os.chmod(path, mode)
     sock.listen(128)
     return sock

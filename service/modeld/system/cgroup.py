@@ -25,23 +25,48 @@ def is_unified(root: Path = CGROUP_ROOT) -> bool:
     return (root / "cgroup.controllers").exists()
 
 
+def memory_delegated(control_group: str, root: Path = CGROUP_ROOT) -> bool:
+    """Whether the systemd manager whose cgroup is ``control_group`` (its ``ControlGroup``
+    property) can put memory limits on its units.
+
+    cgroup v2: ``memory`` is in the cgroup's ``cgroup.controllers`` (the system manager
+    delegates it to ``user@UID.service`` by default). Hybrid or v1: the cgroup exists in the
+    memory hierarchy and this process (which runs as the manager's user) may create cgroups
+    in it; systemd hands out only the name=systemd and unified hierarchies there.
+    """
+    relative = control_group.strip("/")
+    if is_unified(root):
+        try:
+            return "memory" in (root / relative / "cgroup.controllers").read_text().split()
+        except OSError:
+            return False
+    directory = root / "memory" / relative
+    return directory.is_dir() and os.access(directory, os.W_OK | os.X_OK)
+
+
 @dataclass(frozen=True, slots=True)
 class CgroupLayout:
     """Where the memory controller lives and which file names it uses."""
 
     memory_root: Path
     unified: bool
+    memory: bool = True
+    """False when modeld's systemd manager cannot use the memory controller (a per-user
+    modeld without delegation, :func:`memory_delegated`): scopes have no memory cgroup, so
+    nothing is read or watched there."""
 
     @classmethod
-    def detect(cls, root: Path = CGROUP_ROOT) -> CgroupLayout:
+    def detect(cls, root: Path = CGROUP_ROOT, *, memory: bool = True) -> CgroupLayout:
         if is_unified(root):
-            return cls(memory_root=root, unified=True)
-        return cls(memory_root=root / "memory", unified=False)
+            return cls(memory_root=root, unified=True, memory=memory)
+        return cls(memory_root=root / "memory", unified=False, memory=memory)
 
     def memory_dir(self, control_group: str) -> Path:
         return self.memory_root / control_group.lstrip("/")
 
     def memory_current(self, control_group: str) -> int | None:
+        if not self.memory:
+            return None
         name = "memory.current" if self.unified else "memory.usage_in_bytes"
         return _read_int(self.memory_dir(control_group) / name)
 
@@ -49,11 +74,15 @@ class CgroupLayout:
         """The highest memory use the kernel recorded for the cgroup (v2 ``memory.peak``,
         kernel 5.19+; v1 ``memory.max_usage_in_bytes``); None when the file is absent (an
         older kernel, or the cgroup is gone)."""
+        if not self.memory:
+            return None
         name = "memory.peak" if self.unified else "memory.max_usage_in_bytes"
         return _read_int(self.memory_dir(control_group) / name)
 
     def in_oom(self, control_group: str) -> bool:
         """True when the cgroup is under OOM now or has had an OOM kill."""
+        if not self.memory:
+            return False
         name = "memory.events" if self.unified else "memory.oom_control"
         try:
             text = (self.memory_dir(control_group) / name).read_text()
@@ -151,7 +180,7 @@ class OomWatch:
         self.process_exited = False
         """Set by the owner when the backend's exit was seen: cgroup removal (which also
         wakes the eventfd) can only come after it, so earlier wake-ups are OOM events."""
-        if not layout.unified:
+        if layout.memory and not layout.unified:
             self._arm_v1()
 
     def _arm_v1(self) -> None:

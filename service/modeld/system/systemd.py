@@ -226,6 +226,24 @@ class Systemd:
             return ""
         return str(job_type.value)
 
+    async def manager_control_group(self) -> str:
+        """The manager's own cgroup: ``/`` for the system manager (of its cgroup namespace),
+        ``/user.slice/user-UID.slice/user@UID.service`` for a user manager; units' cgroups
+        (``modeld.slice``'s) lie below it. Empty if systemd does not say."""
+        try:
+            (value,) = await call(
+                self._bus,
+                SYSTEMD,
+                SYSTEMD_PATH,
+                PROPERTIES_INTERFACE,
+                "Get",
+                "ss",
+                [MANAGER, "ControlGroup"],
+            )
+        except DBusError:
+            return ""
+        return str(value.value)
+
     async def unit_property(self, unit: str, interface: str, name: str) -> Any:
         """Read one property of a loaded unit; None when the unit is not loaded."""
         try:

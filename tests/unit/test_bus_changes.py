@@ -1,0 +1,204 @@
+"""Every property announced as emitting changes does emit them, as a caching client sees it.
+
+A client over a private dbus-daemon keeps the properties of the manager and a model the way
+a GDBus proxy does: ``GetAll`` once, then only ``PropertiesChanged``. After each change the
+daemon can make (every field of a model's status, a MaxLoaded write, a reload changing the
+configuration) it asks ``GetAll`` again on the same connection, so every signal sent before
+that reply has arrived, and its copy must equal the answer for every property that is not a
+live figure. A property mirrored without a signal, or sent with a stale value, fails here.
+"""
+
+import asyncio
+import dataclasses
+from types import SimpleNamespace
+from typing import Any
+
+from dbus_next.aio.message_bus import MessageBus
+from dbus_next.constants import MessageType
+from dbus_next.message import Message
+from dbus_next.signature import Variant
+
+from modeld.bus.api import CHANGES, PROPERTIES, Changes
+from modeld.bus.authorization import Action, Authorizer
+from modeld.bus.connection import ModeldMessageBus
+from modeld.bus.service import BusService
+from modeld.core.states import ModelState
+from modeld.naming import MANAGER_INTERFACE, MANAGER_PATH, MODEL_INTERFACE, model_object_path
+from modeld.supervisor.status import ModelStatus, StatusChange
+from modeld.system.dbus import call
+
+PROPERTIES_INTERFACE = "org.freedesktop.DBus.Properties"
+DEMO = model_object_path("demo")
+
+
+def model_config(backend: str, groups: tuple[str, ...]) -> Any:
+    return SimpleNamespace(backend=backend, concurrency_groups=groups)
+
+
+class Supervisor:
+    """What the bus reads of the supervisor, with statuses and configuration set by the test."""
+
+    def __init__(self) -> None:
+        self.statuses = {"demo": ModelStatus(), "other": ModelStatus()}
+        self.max_loaded = 0
+        self.config = SimpleNamespace(
+            daemon=SimpleNamespace(memory_budget=1 << 30),
+            models={"demo": model_config("reference", ()), "other": model_config("reference", ())},
+        )
+
+    def owners(self) -> list[Any]:
+        return [
+            SimpleNamespace(name=name, status=status, config=self.config.models[name])
+            for name, status in self.statuses.items()
+        ]
+
+    def status(self, name: str) -> ModelStatus:
+        return self.statuses[name]
+
+    def loaded_count(self) -> int:
+        return sum(1 for s in self.statuses.values() if s.state.occupies_slot)
+
+    def memory_current(self, name: str) -> int:
+        return 0
+
+    def memory_used(self) -> int:
+        return 0
+
+    def set_max_loaded(self, value: int) -> None:
+        self.max_loaded = value
+
+
+class Root(Authorizer):
+    def __init__(self) -> None:
+        super().__init__(bus=None)  # type: ignore[arg-type]
+
+    async def check(self, action: Action, sender: str | None, what: str) -> None:
+        return None
+
+
+class CachingClient:
+    """Property copies kept as a GDBus proxy keeps them: GetAll once, then PropertiesChanged."""
+
+    def __init__(self, bus: MessageBus, service: str) -> None:
+        self.bus = bus
+        self.service = service
+        self.cache: dict[tuple[str, str], dict[str, Any]] = {}
+        self.signals = 0
+
+    async def watch(self, path: str, interface: str) -> None:
+        if not self.cache:
+            self.bus.add_message_handler(self._on_message)
+            rule = f"type='signal',sender='{self.service}',interface='{PROPERTIES_INTERFACE}'"
+            await call(
+                self.bus,
+                "org.freedesktop.DBus",
+                "/org/freedesktop/DBus",
+                "org.freedesktop.DBus",
+                "AddMatch",
+                "s",
+                [rule],
+            )
+        self.cache[(path, interface)] = await self.get_all(path, interface)
+
+    async def get_all(self, path: str, interface: str) -> dict[str, Any]:
+        (values,) = await call(
+            self.bus, self.service, path, PROPERTIES_INTERFACE, "GetAll", "s", [interface]
+        )
+        return {name: variant.value for name, variant in values.items()}
+
+    def _on_message(self, msg: Message) -> None:
+        if msg.message_type is not MessageType.SIGNAL or msg.member != "PropertiesChanged":
+            return
+        interface, changed, invalidated = msg.body
+        cached = self.cache.get((msg.path or "", interface))
+        if cached is None:
+            return
+        self.signals += 1
+        cached.update({name: variant.value for name, variant in changed.items()})
+        for name in invalidated:
+            cached.pop(name, None)
+
+    async def check(self, step: str) -> None:
+        """The copies equal fresh values for every property not announced as live."""
+        for (path, interface), cached in self.cache.items():
+            fresh = await self.get_all(path, interface)
+            for name, changes in CHANGES[interface].items():
+                if changes is Changes.LIVE:
+                    continue
+                if changes is Changes.INVALIDATES:
+                    assert name not in cached or cached[name] == fresh[name], (step, name)
+                    continue
+                assert cached[name] == fresh[name], (step, interface, name)
+
+
+def different(value: Any) -> Any:
+    """Another value of the same type as ``value``, for any status field."""
+    if isinstance(value, ModelState):
+        return ModelState.READY if value is not ModelState.READY else ModelState.UNLOADING
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return (value + 7) % (1 << 32)
+    if isinstance(value, str):
+        return value + "x"
+    raise AssertionError(f"no other value for {value!r}: teach the test this type")
+
+
+def test_a_caching_client_follows_every_change_of_every_emitting_property(
+    bus_address: str,
+) -> None:
+    supervisor = Supervisor()
+
+    async def scenario() -> None:
+        service_bus = await ModeldMessageBus(bus_address=bus_address).connect()
+        client_bus = await MessageBus(bus_address=bus_address).connect()
+        try:
+            service = BusService(service_bus, supervisor, reload, authorizer=Root())  # type: ignore[arg-type]
+            service.sync_models()
+            client = CachingClient(client_bus, service_bus.unique_name)
+            await client.watch(MANAGER_PATH, MANAGER_INTERFACE)
+            await client.watch(DEMO, MODEL_INTERFACE)
+            assert set(client.cache[(DEMO, MODEL_INTERFACE)]) == set(PROPERTIES[MODEL_INTERFACE])
+
+            def change(model: str, **fields: Any) -> None:
+                before = supervisor.statuses[model]
+                after = dataclasses.replace(before, **fields)
+                supervisor.statuses[model] = after
+                service.on_status_changed(StatusChange(model, before, after))
+
+            for field in dataclasses.fields(ModelStatus):
+                value = getattr(supervisor.statuses["demo"], field.name)
+                change("demo", **{field.name: different(value)})
+                await client.check(f"demo's {field.name}")
+            change("other", state=ModelState.LOADING)  # another model: the count changes
+            await client.check("other loading")
+
+            await call(
+                client_bus,
+                service_bus.unique_name,
+                MANAGER_PATH,
+                PROPERTIES_INTERFACE,
+                "Set",
+                "ssv",
+                [MANAGER_INTERFACE, "MaxLoaded", Variant("u", 3)],
+            )
+            assert client.cache[(MANAGER_PATH, MANAGER_INTERFACE)]["MaxLoaded"] == 3
+            await client.check("MaxLoaded set")
+
+            supervisor.max_loaded = 0  # a reload: every configured value changes
+            supervisor.config.daemon.memory_budget = 2 << 30
+            supervisor.config.models["demo"] = model_config("llama-cpp", ("big",))
+            service.sync_models()
+            await client.check("reload")
+            assert client.cache[(DEMO, MODEL_INTERFACE)]["ConcurrencyGroups"] == ["big"]
+            assert client.signals >= len(dataclasses.fields(ModelStatus)) + 3
+        finally:
+            for bus in (client_bus, service_bus):
+                bus.disconnect()
+                await bus.wait_for_disconnect()
+                bus._sock.close()
+
+    async def reload() -> None:
+        raise AssertionError("reloaded over the bus")
+
+    asyncio.run(scenario())
