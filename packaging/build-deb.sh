@@ -1,11 +1,16 @@
 #!/bin/sh
 # Build the modeld .deb (Architecture: all) with native debhelper tooling.
 #
-#   packaging/build-deb.sh [--install-deps] [--lint] [--keep]
+#   packaging/build-deb.sh [--install-deps] [--lint] [--keep] [--version VERSION]
 #
 #   --install-deps  apt-get install the Build-Depends first (needs root)
-#   --lint          run lintian on the result
+#   --lint          run lintian -EvIL +pedantic on the result (fails on any
+#                   error, warning, info, pedantic or experimental tag that
+#                   debian/modeld.lintian-overrides does not override)
 #   --keep          keep the temporary build tree (its path is printed)
+#   --version V     build version V instead of debian/changelog's (a new
+#                   changelog entry in the build tree only; used by the
+#                   upgrade test to build "N+1", e.g. 0.1.0+test1)
 #
 # The source tree (tracked files plus new, not-ignored ones, so uncommitted work
 # is included) is copied to a temporary directory, packaging/debian becomes
@@ -14,15 +19,18 @@
 # or PYTHONPATH). The .deb and its .buildinfo/.changes land in dist/.
 set -eu
 
-install_deps=0 lint=0 keep=0
-for arg in "$@"; do
-    case "$arg" in
+install_deps=0 lint=0 keep=0 new_version=
+while [ $# -gt 0 ]; do
+    case "$1" in
         --install-deps) install_deps=1 ;;
         --lint) lint=1 ;;
         --keep) keep=1 ;;
-        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
-        *) echo "build-deb.sh: unknown option $arg" >&2; exit 2 ;;
+        --version) [ $# -ge 2 ] || { echo "build-deb.sh: --version needs a value" >&2; exit 2; }
+                   new_version=$2; shift ;;
+        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+        *) echo "build-deb.sh: unknown option $1" >&2; exit 2 ;;
     esac
+    shift
 done
 
 here=$(CDPATH='' cd -- "$(dirname -- "$0")" && pwd -P)
@@ -30,6 +38,10 @@ root=$(dirname -- "$here")
 clean_path=/usr/sbin:/usr/bin:/sbin:/bin
 
 version=$(PATH=$clean_path dpkg-parsechangelog -l "$here/debian/changelog" -S Version)
+if [ -n "$new_version" ]; then
+    case "$new_version" in *[!A-Za-z0-9.+~-]*|'') echo "build-deb.sh: bad version '$new_version'" >&2; exit 2;; esac
+    base_version=$version version=$new_version
+fi
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/modeld-deb.XXXXXX")
 if [ "$keep" = 0 ]; then
     trap 'rm -rf "$tmp"' EXIT
@@ -54,6 +66,15 @@ fi
 #    tree would dangle, and dh_installsystemd skips dangling units silently).
 rm -rf "$src/debian"
 cp -rL "$here/debian" "$src/debian"
+if [ -n "$new_version" ]; then
+    maintainer=$(PATH=$clean_path dpkg-parsechangelog -l "$here/debian/changelog" -S Maintainer)
+    when=$(PATH=$clean_path dpkg-parsechangelog -l "$here/debian/changelog" -S Timestamp)
+    when=$(LC_ALL=C date -R -u -d "@$((when + 86400))")    # a day after the entry it follows
+    { printf 'modeld (%s) unstable; urgency=medium\n\n' "$version"
+      printf '  * Rebuild of %s as %s (build-deb.sh --version).\n\n' "$base_version" "$version"
+      printf ' -- %s  %s\n\n' "$maintainer" "$when"
+      cat "$here/debian/changelog"; } > "$src/debian/changelog"
+fi
 
 # 3. Build dependencies.
 if [ "$install_deps" = 1 ]; then
@@ -82,7 +103,8 @@ echo "build-deb.sh: built $deb"
 
 [ "$keep" = 1 ] && echo "build-deb.sh: build tree kept in $src"
 if [ "$lint" = 1 ]; then
-    # Exit status: lintian's (non-zero on errors; warnings pass).
-    env -i PATH=$clean_path LC_ALL=C.UTF-8 lintian --display-info --pedantic \
+    # Every tag counts, down to pedantic and experimental ones (--fail-on).
+    env -i PATH=$clean_path LC_ALL=C.UTF-8 lintian -EvIL +pedantic \
+        --fail-on error,warning,info,pedantic,experimental \
         "$root/dist/modeld_${version}_$(PATH=$clean_path dpkg --print-architecture).changes"
 fi

@@ -40,7 +40,11 @@ RESTART_JOBS = frozenset({"restart", "try-restart", "reload-or-restart"})
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="modeld", description="Supervise AI model backends.")
+    parser = argparse.ArgumentParser(
+        prog="modeld",
+        description="Supervise AI model backends.",
+        epilog="See modeld(8), modeld.toml(5) and org.modeld1(5).",
+    )
     parser.add_argument("--config", type=Path, default=None, help="configuration file")
     parser.add_argument(
         "--user",

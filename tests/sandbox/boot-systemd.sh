@@ -58,6 +58,13 @@
 #   UNITS_DIR (files copied to /run/systemd/system before boot)
 #   DBUS_POLICY_FILES  DBUS_SERVICE_DIRS  BOOT_TIMEOUT (30)  STOP_TIMEOUT (20)
 #   SYSTEMD_BIN (/lib/systemd/systemd)  PYTHON (readiness listener; /usr/bin/python3)
+#   ROOT_DIR: boot this directory as / instead of the host's (an installed system,
+#     e.g. a Debian root made by mmdebstrap with systemd and dbus in it).  Its own
+#     unit files, generators, default target (multi-user.target) and D-Bus
+#     configuration are used as they are; it stays writable (the caller owns it and
+#     can write into it from the host).  /proc, /sys, /dev, /run and the cgroups are
+#     set up as above, then pivot_root makes ROOT_DIR the namespace's /.  The host's
+#     / is not visible inside; OVERLAY_PATHS, /tmp sharing and DBUS_* do not apply.
 #
 # Known limits: tested on hybrid cgroups (v1 memory) only; on a pure cgroup v2
 # host the unshare process sitting in the namespace's root cgroup would keep
@@ -76,6 +83,7 @@ DBUS_SERVICE_DIRS=${DBUS_SERVICE_DIRS:-}
 BOOT_TIMEOUT=${BOOT_TIMEOUT:-30}
 STOP_TIMEOUT=${STOP_TIMEOUT:-20}
 SYSTEMD_BIN=${SYSTEMD_BIN:-/lib/systemd/systemd}
+ROOT_DIR=${ROOT_DIR:-}
 if [ -z "${PYTHON:-}" ]; then
     if [ -x /usr/bin/python3 ]; then PYTHON=/usr/bin/python3; else PYTHON=python3; fi
 fi
@@ -261,7 +269,7 @@ ForwardToWall=no
 RateLimitIntervalSec=0
 RuntimeMaxUse=64M
 EOF
-    write_dbus_config
+    [ -n "$ROOT_DIR" ] || write_dbus_config
     if [ -n "$UNITS_DIR" ]; then cp -a "$UNITS_DIR"/. "$R/systemd/system/"; fi
 }
 
@@ -315,6 +323,7 @@ ns_init() {
     mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs "$d/shm"
     ln -s /proc/self/fd "$d/fd"; ln -s /proc/self/fd/0 "$d/stdin"
     ln -s /proc/self/fd/1 "$d/stdout"; ln -s /proc/self/fd/2 "$d/stderr"
+    if [ -n "$ROOT_DIR" ]; then root_switch "$d"; fi     # does not return
     mount --move "$d" /dev
 
     # 5. /run = $BASE/run (sockets reachable from the host by path)
@@ -336,11 +345,38 @@ ns_init() {
         container=systemd-harness \
         PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
         LANG=C.UTF-8 \
-        NOTIFY_SOCKET="$B/notify.sock" \
+        NOTIFY_SOCKET="$B/run/harness/notify.sock" \
         SYSTEMD_UNIT_PATH=/run/systemd/system.control:/run/systemd/transient:/run/systemd/system:/run/harness/units \
         SYSTEMD_GENERATOR_PATH=/run/harness/empty \
         SYSTEMD_ENVIRONMENT_GENERATOR_PATH=/run/harness/empty \
         "$SYSTEMD_BIN" --system --unit=harness.target --show-status=no
+}
+
+# ROOT_DIR mode, from ns_init once the cgroups and /proc/sys are done: the new
+# root gets its own /proc, the read-only /sys (with our cgroup mounts), the
+# private /dev ($1, not moved yet) and /run = $BASE/run; pivot_root makes it /.
+root_switch() {
+    local R=$ROOT_DIR d
+    mount --bind "$R" "$R"                        # pivot_root needs a mount point
+    mount -t proc -o nosuid,nodev,noexec proc "$R/proc"
+    for d in /proc/sys /proc/sysrq-trigger; do
+        [ -e "$R$d" ] || continue
+        mount --bind "$R$d" "$R$d"; mount -o remount,bind,ro "$R$d"
+    done
+    mount --rbind /sys "$R/sys"; mount -o remount,bind,ro "$R/sys"
+    mount --move "$1" "$R/dev"
+    mount --bind "$B/run" "$R/run"
+    cd "$R"
+    pivot_root . .                                # the old root is stacked on top...
+    umount -l .                                   # ...and goes away
+    cd /
+    now_ms > /run/harness/t_exec_ms
+    exec env -i \
+        container=systemd-harness \
+        PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+        LANG=C.UTF-8 \
+        NOTIFY_SOCKET=/run/harness/notify.sock \
+        /lib/systemd/systemd --system --unit=multi-user.target --show-status=no
 }
 
 # ------------------------------------------------------------------- launch
@@ -384,9 +420,15 @@ cmd_start() {
     BASE=$HARNESS_ROOT/$NAME; STATE=$BASE/state
     cmd_gc >/dev/null 2>&1 || true
     [ -e "$BASE" ] && die "$BASE already exists"
-    local sock=$BASE/notify.sock
+    local sock=$BASE/run/harness/notify.sock
     [ ${#sock} -lt 90 ] || die "HARNESS_ROOT too long for AF_UNIX paths"
-    mkdir -p "$STATE" "$BASE/run" "$BASE/stage/dev"
+    if [ -n "$ROOT_DIR" ]; then
+        local d
+        export ROOT_DIR=$(readlink -f "$ROOT_DIR")
+        [ -x "$ROOT_DIR/lib/systemd/systemd" ] || die "ROOT_DIR $ROOT_DIR has no /lib/systemd/systemd"
+        for d in proc sys dev run; do [ -d "$ROOT_DIR/$d" ] || die "ROOT_DIR $ROOT_DIR has no /$d"; done
+    fi
+    mkdir -p "$STATE" "$BASE/run/harness" "$BASE/stage/dev"
     echo "$NAME" > "$STATE/name"; echo "$CG_PREFIX" > "$STATE/cg_prefix"; echo "$NETNS" > "$STATE/netns"
     # any failure below exits the script (set -e): tear down what was made
     trap 'rc=$?; if [ "${START_OK:-0}" != 1 ]; then log "start failed (rc=$rc); launch log:";
@@ -449,17 +491,19 @@ PY
         3) die "the namespace died during boot";;
         *) die "readiness listener failed (rc=$rc)";;
     esac
-    # harness.target active, and systemd reachable over the bus from the host
-    local st="" i
+    # the default target active, and systemd reachable over the bus from the host
+    local st="" i target=harness_2etarget
+    [ -n "$ROOT_DIR" ] && target=multi_2duser_2etarget
     for i in $(seq 1 200); do
-        st=$(bus get-property org.freedesktop.systemd1 /org/freedesktop/systemd1/unit/harness_2etarget \
+        st=$(bus get-property org.freedesktop.systemd1 /org/freedesktop/systemd1/unit/$target \
                  org.freedesktop.systemd1.Unit ActiveState 2>/dev/null || true)
         [ "$st" = 's "active"' ] && break
         sleep 0.01
     done
-    [ "$st" = 's "active"' ] || die "harness.target not active: $st"
+    [ "$st" = 's "active"' ] || die "default target ($target) not active: $st"
     START_OK=1; trap - EXIT
-    local t3 tx; t3=$(now_ms); tx=$(cat "$STATE/t_exec_ms" 2>/dev/null || echo "$t1")
+    local t3 tx; t3=$(now_ms); tx=$(cat "$STATE/t_exec_ms" "$BASE/run/harness/t_exec_ms" 2>/dev/null || true)
+    tx=${tx:-$t1}
     cat <<EOF
 NAME=$NAME
 BASE=$BASE

@@ -137,6 +137,7 @@ class Sandbox:
         dbus_service_dirs: Iterable[str | os.PathLike[str]] | None = None,
         units_dir: str | os.PathLike[str] | None = None,
         netns: bool = False,
+        root: str | os.PathLike[str] | None = None,
         boot_timeout: float = BOOT_TIMEOUT,
         stop_timeout: float = STOP_TIMEOUT,
     ) -> Sandbox:
@@ -144,6 +145,9 @@ class Sandbox:
 
         ``dbus_policy_files`` / ``dbus_service_dirs``: None means the environment variables
         DBUS_POLICY_FILES / DBUS_SERVICE_DIRS (':'-separated) as they are.
+        ``root``: boot this directory (a whole Debian root with systemd and dbus) as ``/``
+        (boot-systemd.sh's ROOT_DIR mode): its own units, bus configuration and default
+        target; the host's files are not visible inside.
         """
         if threading.current_thread() is not threading.main_thread():
             # PDEATHSIG fires when the parent *thread* ends: whatever is tied to us that
@@ -165,6 +169,8 @@ class Sandbox:
             env["DBUS_SERVICE_DIRS"] = ":".join(os.fspath(p) for p in dbus_service_dirs)
         if units_dir is not None:
             env["UNITS_DIR"] = os.fspath(units_dir)
+        if root is not None:
+            env["ROOT_DIR"] = os.fspath(root)
         stderr = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the sandbox
         # own session: a terminal's ^C reaches pytest only, which then stops us in order
         proc = subprocess.Popen(

@@ -832,7 +832,13 @@ def test_options_types_match_generated_protobuf() -> None:
     scalar = {}
     for field in pb.ModelOptions.DESCRIPTOR.fields:
         if field.type in kinds:
-            scalar[field.name] = kinds[field.type] + ("[]" if field.is_repeated else "")
+            # is_repeated: protobuf >= 5 (label is deprecated there); label: Debian 12's 4.21
+            repeated = (
+                field.is_repeated
+                if hasattr(field, "is_repeated")
+                else field.label == field.LABEL_REPEATED
+            )
+            scalar[field.name] = kinds[field.type] + ("[]" if repeated else "")
     assert scalar == dict(MODEL_OPTIONS_TYPES)
 
 

@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="modeldctl",
         description="Control modeld, the AI model backend supervisor.",
+        epilog="See modeldctl(1), modeld(8) and modeld.toml(5).",
         parents=[_common_options(defaults=True)],
     )
     parser.add_argument("--version", action="version", version=f"modeldctl {__version__}")
