@@ -36,10 +36,12 @@ keys.  Loading never logs: every problem is a :class:`ConfigError` whose
 from __future__ import annotations
 
 import difflib
+import errno
 import json
 import os
 import pwd
 import re
+import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -146,6 +148,12 @@ def user_layout(environ: Mapping[str, str] = os.environ, uid: int | None = None)
 
 
 MODEL_NAME_MAX_BYTES: Final = 200
+MAX_FILE_BYTES: Final = 1 << 20
+"""A configuration file larger than this is refused unread (not a configuration file)."""
+MAX_LOADED_MAX: Final = 2**32 - 1
+"""``max_loaded`` is published as D-Bus ``u`` (MaxLoaded)."""
+TASKS_MAX_MAX: Final = 2**64 - 2
+"""Below systemd's ``infinity`` (UINT64_MAX): TasksMax is a ``t``."""
 
 RestartPolicy = Literal["no", "on-failure"]
 
@@ -429,6 +437,8 @@ class _Table:
             return default
         if not isinstance(value, str):
             self.fail(name, f"expected a string (got {_describe(value)})")
+        if "\0" in value:  # D-Bus strings cannot hold NUL (the bus drops such a message)
+            self.fail(name, "must not contain NUL characters")
         return value
 
     def boolean(self, name: str, default: bool) -> bool:
@@ -499,9 +509,38 @@ class _Table:
         return base / path if base is not None and not path.is_absolute() else path
 
 
+def _file_kind(mode: int) -> str:
+    kinds = {
+        stat.S_ISFIFO: "a named pipe",
+        stat.S_ISSOCK: "a socket",
+        stat.S_ISCHR: "a character device",
+        stat.S_ISBLK: "a block device",
+    }
+    return next((name for test, name in kinds.items() if test(mode)), "not a regular file")
+
+
+def _read_bytes(path: Path) -> bytes:
+    """The contents of the regular file at ``path`` (symlinks followed), at most
+    :data:`MAX_FILE_BYTES`. A named pipe or a device (``/dev/zero``) would block or never
+    end: they are refused without reading; so is a file too large to be configuration."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as file:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
+        if not stat.S_ISREG(mode):
+            raise ConfigError(path, None, f"cannot read file: {_file_kind(mode)}")
+        raw = file.read(MAX_FILE_BYTES + 1)
+    if len(raw) > MAX_FILE_BYTES:
+        raise ConfigError(
+            path, None, f"larger than {format_size(MAX_FILE_BYTES)}: not a configuration file"
+        )
+    return raw
+
+
 def _read_toml(path: Path) -> dict[str, object]:
     try:
-        raw = path.read_bytes()
+        raw = _read_bytes(path)
     except OSError as exc:
         raise ConfigError(path, None, f"cannot read file: {exc.strerror or exc}") from exc
     try:
@@ -540,7 +579,7 @@ def _parse_daemon(
         models_dir=t.path("models_dir", layout.models_dir, base),
         backends_dirs=t.paths("backends_dirs", layout.backends_dirs, base),
         runtime_dir=t.path("runtime_dir", layout.runtime_dir, base),
-        max_loaded=t.integer("max_loaded", 0, 0),
+        max_loaded=t.integer("max_loaded", 0, 0, MAX_LOADED_MAX),
         memory_budget=memory_budget,
         idle_timeout=t.duration("idle_timeout", 0.0),
         busy_timeout=t.duration("busy_timeout", 0.0),
@@ -694,8 +733,6 @@ def _parse_model(
         t.fail("backend", "must not be empty")
 
     model = t.string("model", "")
-    if "\0" in model:
-        t.fail("model", "must not contain NUL characters")
 
     memory_max = t.size("memory_max", "infinity", host_memory)
     if memory_max == 0:
@@ -730,6 +767,8 @@ def _parse_model(
                     f"expected a non-empty string (got {_describe(group)})",
                     i,
                 )
+            if "\0" in group:
+                t.fail("concurrency_groups", "must not contain NUL characters", i)
             if group not in groups:
                 groups.append(group)
 
@@ -754,7 +793,7 @@ def _parse_model(
         max_queue=t.integer("max_queue", daemon.max_queue, 0),
         restart=cast("RestartPolicy", restart),
         user=user or None,
-        tasks_max=t.integer("tasks_max", 4096, 1),
+        tasks_max=t.integer("tasks_max", 4096, 1, TASKS_MAX_MAX),
         cpu_weight=(
             None if t.get("cpu_weight") is _MISSING else t.integer("cpu_weight", 100, 1, 10000)
         ),

@@ -25,6 +25,10 @@ __all__ = ["UINT64_MAX", "format_size", "parse_duration", "parse_size"]
 UINT64_MAX: Final = 2**64 - 1
 """The value of an unlimited size (systemd's ``infinity``)."""
 
+DURATION_MAX: Final = 2**63 / 1_000_000
+"""The longest duration, in seconds (about 292,000 years): its microseconds fit systemd's
+``t`` (``usec_t``) with room to spare, so every accepted duration can be sent to systemd."""
+
 SIZE_HINT: Final = "expected a size like 512M, 2G or 80%"
 DURATION_HINT: Final = "expected a duration like 90, 500ms, 15m or 1h30m"
 
@@ -147,12 +151,12 @@ def parse_duration(text: str | int | float) -> float:
             raise ValueError(f"{DURATION_HINT} {_got(text)}")
         if text < 0:
             raise ValueError(f"a duration must not be negative {_got(text)}")
-        return float(text)
+        return _bounded(float(text), text)
     stripped = text.strip()
     if stripped.startswith("-"):
         raise ValueError(f"a duration must not be negative {_got(text)}")
     if _NUMBER_RE.fullmatch(stripped):
-        return float(Decimal(stripped))
+        return _bounded(float(Decimal(stripped)), text)
     total = Decimal(0)
     pos = 0
     while pos < len(stripped) or pos == 0:
@@ -161,7 +165,10 @@ def parse_duration(text: str | int | float) -> float:
             raise ValueError(f"{DURATION_HINT} {_got(text)}")
         total += Decimal(match["num"]) * _DURATION_UNITS[match["unit"]]
         pos = match.end()
-    result = float(total)
-    if math.isinf(result):
+    return _bounded(float(total), text)
+
+
+def _bounded(seconds: float, text: object) -> float:
+    if seconds > DURATION_MAX:  # also inf: a string of 400 digits
         raise ValueError(f"duration is too large {_got(text)}")
-    return result
+    return seconds

@@ -199,7 +199,19 @@ def test_daemon_objects_are_frozen() -> None:
             "daemon.max_loaded",
             'expected an integer (got string "3")',
         ),
-        ("max_loaded = -1", "daemon.max_loaded", "must be at least 0 (got -1)"),
+        ("max_loaded = -1", "daemon.max_loaded", "must be between 0 and 4294967295 (got -1)"),
+        (
+            "max_loaded = 4294967296",
+            "daemon.max_loaded",
+            "must be between 0 and 4294967295 (got 4294967296)",
+        ),
+        ('backend_user = "a\\u0000"', "daemon.backend_user", "must not contain NUL characters"),
+        (
+            'stop_timeout = "' + "9" * 400 + '"',
+            "daemon.stop_timeout",
+            'duration is too large (got "' + "9" * 59 + '…")',
+        ),
+        ("stop_timeout = 1e300", "daemon.stop_timeout", "duration is too large (got 1e+300)"),
         ("max_loaded = true", "daemon.max_loaded", "expected an integer (got boolean true)"),
         (
             'memory_budget = "lots"',
@@ -692,7 +704,22 @@ def test_model_name_problem(name: str, problem: str | None) -> None:
         ),
         ('backend = "b"\nrestart = false', "restart", "expected a string (got boolean false)"),
         ('backend = "b"\nuser = 1000', "user", "expected a string (got integer 1000)"),
-        ('backend = "b"\ntasks_max = 0', "tasks_max", "must be at least 1 (got 0)"),
+        (
+            'backend = "b"\ntasks_max = 0',
+            "tasks_max",
+            "must be between 1 and 18446744073709551614 (got 0)",
+        ),
+        (
+            'backend = "b"\ntasks_max = 18446744073709551616',
+            "tasks_max",
+            "must be between 1 and 18446744073709551614 (got 18446744073709551616)",
+        ),
+        ('backend = "a\\u0000b"', "backend", "must not contain NUL characters"),
+        (
+            'backend = "b"\nconcurrency_groups = ["\\u0000"]',
+            "concurrency_groups[0]",
+            "must not contain NUL characters",
+        ),
         ('backend = "b"\ncpu_weight = 0', "cpu_weight", "must be between 1 and 10000 (got 0)"),
         (
             'backend = "b"\ncpu_weight = 10001',

@@ -59,6 +59,29 @@ def unit_object_path(unit: str) -> str:
     return f"{SYSTEMD_PATH}/unit/{bus_path_escape(unit)}"
 
 
+def scope_properties(spec: ScopeSpec, pid: int) -> list[list[Any]]:
+    """The ``a(sv)`` properties of StartTransientUnit for ``spec`` holding ``pid``."""
+    props: list[list[Any]] = [
+        ["Description", Variant("s", spec.description)],
+        ["Slice", Variant("s", spec.slice)],
+        ["PIDs", Variant("au", [pid, *spec.extra_pids])],
+        ["MemoryAccounting", Variant("b", True)],
+        ["MemoryMax", Variant("t", spec.memory_max)],
+        ["TasksAccounting", Variant("b", True)],
+        ["TasksMax", Variant("t", spec.tasks_max)],
+        ["TimeoutStopUSec", Variant("t", int(spec.stop_timeout_s * 1_000_000))],
+        ["OOMPolicy", Variant("s", "stop")],
+        ["AddRef", Variant("b", True)],
+        ["CollectMode", Variant("s", "inactive-or-failed")],
+    ]
+    if spec.cpu_weight is not None:
+        # Only when configured: unset leaves the scope at systemd's default weight.
+        props.append(["CPUWeight", Variant("t", spec.cpu_weight)])
+    if spec.memory_high is not None:
+        props.append(["MemoryHigh", Variant("t", spec.memory_high)])
+    return props
+
+
 class Systemd:
     """Starts, stops and inspects units. One instance per bus connection."""
 
@@ -119,24 +142,7 @@ class Systemd:
 
     async def start_scope(self, spec: ScopeSpec, pid: int) -> None:
         """Create ``spec.unit`` holding ``pid`` and wait until the start job is done."""
-        props: list[list[Any]] = [
-            ["Description", Variant("s", spec.description)],
-            ["Slice", Variant("s", spec.slice)],
-            ["PIDs", Variant("au", [pid, *spec.extra_pids])],
-            ["MemoryAccounting", Variant("b", True)],
-            ["MemoryMax", Variant("t", spec.memory_max)],
-            ["TasksAccounting", Variant("b", True)],
-            ["TasksMax", Variant("t", spec.tasks_max)],
-            ["TimeoutStopUSec", Variant("t", int(spec.stop_timeout_s * 1_000_000))],
-            ["OOMPolicy", Variant("s", "stop")],
-            ["AddRef", Variant("b", True)],
-            ["CollectMode", Variant("s", "inactive-or-failed")],
-        ]
-        if spec.cpu_weight is not None:
-            # Only when configured: unset leaves the scope at systemd's default weight.
-            props.append(["CPUWeight", Variant("t", spec.cpu_weight)])
-        if spec.memory_high is not None:
-            props.append(["MemoryHigh", Variant("t", spec.memory_high)])
+        props = scope_properties(spec, pid)
         try:
             (job,) = await self._manager(
                 "StartTransientUnit", "ssa(sv)a(sa(sv))", [spec.unit, "fail", props, []]
