@@ -113,6 +113,15 @@ def _regular_file(path: Path) -> bool:
         return False
 
 
+def _executable(path: Path) -> bool:
+    """Whether anyone may execute ``path`` (root's X_OK would only say whether some bit is
+    set, too; the backend's user is decided later, per model)."""
+    try:
+        return bool(path.stat().st_mode & 0o111)
+    except OSError:
+        return False
+
+
 @dataclass(frozen=True, slots=True)
 class _Metadata:
     alias: str | None = None
@@ -128,10 +137,26 @@ def _optional_string(data: dict[str, object], key: str) -> str | None:
     return value or None
 
 
+METADATA_MAX_BYTES: Final = 64 * 1024
+
+
+def _read_small_file(path: Path) -> str:
+    """The text of the regular file ``path``: a named pipe or a device is refused unread
+    (discovery runs on modeld's event loop: a read that blocks would stop modeld)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as file:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise _Skip(f"{METADATA_FILE}: not a regular file")
+        raw = file.read(METADATA_MAX_BYTES + 1)
+    if len(raw) > METADATA_MAX_BYTES:
+        raise _Skip(f"{METADATA_FILE}: larger than {METADATA_MAX_BYTES} bytes")
+    return raw.decode("utf-8")
+
+
 def _read_metadata(directory: Path) -> _Metadata:
     path = directory / METADATA_FILE
     try:
-        text = path.read_text(encoding="utf-8")
+        text = _read_small_file(path)
     except FileNotFoundError:
         return _Metadata()
     except (OSError, UnicodeDecodeError) as exc:
@@ -179,6 +204,8 @@ def _load_entry(origin: Path, name: str) -> Backend:
         target = origin / meta_for
         if not _regular_file(target / RUN_FILE):
             raise _Skip(f"meta backend for {meta_for!r}, which has no {RUN_FILE} in {origin}")
+        if not _executable(target / RUN_FILE):
+            raise _Skip(f"meta backend for {meta_for!r}, whose {RUN_FILE} is not executable")
         try:
             target_metadata = _read_metadata(target)
         except _Skip as skip:
@@ -191,6 +218,8 @@ def _load_entry(origin: Path, name: str) -> Backend:
         raise _Skip(f"no {RUN_FILE}")
     if not _regular_file(run):
         raise _Skip(f"{RUN_FILE} is not a regular file")
+    if not _executable(run):
+        raise _Skip(f"{RUN_FILE} is not executable")
     return Backend(name, run, directory, alias, None, origin, _unavailable(metadata))
 
 

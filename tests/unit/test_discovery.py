@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -269,6 +271,7 @@ def test_dangling_run_sh_symlink_is_skipped(tmp_path: Path) -> None:
 def test_run_sh_symlink_to_a_file_is_fine(tmp_path: Path) -> None:
     target = tmp_path / "real-run.sh"
     target.write_text("#!/bin/sh\n")
+    target.chmod(0o755)
     directory = make_backend(tmp_path / "backends", "linked", run=False)
     (directory / "run.sh").symlink_to(target)
     backend = discover_backends([tmp_path / "backends"]).resolve("linked")
@@ -382,3 +385,74 @@ def test_the_shipped_llama_cpp_backend_needs_llama_cpp_python() -> None:
     assert (backend.unavailable is None) == installed
     if not installed:
         assert "pip install 'modeld[llama-cpp]'" in (backend.unavailable or "")
+
+
+# --- hostile backend directories (issue 8) -------------------------------------------------
+
+
+def test_a_run_sh_nobody_may_execute_is_skipped(tmp_path: Path) -> None:
+    make_backend(tmp_path, "noexec")
+    (tmp_path / "noexec" / "run.sh").chmod(0o644)
+    make_backend(tmp_path, "meta", run=False, metadata={"meta_backend_for": "noexec"})
+    index = discover_backends([tmp_path])
+    assert index.resolve("noexec") is None and index.resolve("meta") is None
+    assert f"{tmp_path / 'noexec'}: skipped: run.sh is not executable" in index.problems
+    assert any("whose run.sh is not executable" in p for p in index.problems)
+
+
+def test_meta_backends_pointing_in_a_circle_are_skipped(tmp_path: Path) -> None:
+    make_backend(tmp_path, "a", run=False, metadata={"meta_backend_for": "b"})
+    make_backend(tmp_path, "b", run=False, metadata={"meta_backend_for": "a"})
+    make_backend(tmp_path, "self", run=False, metadata={"meta_backend_for": "self"})
+    index = discover_backends([tmp_path])
+    assert index.all() == []
+    assert len(index.problems) == 3
+    assert all("which has no run.sh" in p for p in index.problems)
+
+
+def test_a_meta_backend_of_a_meta_backend_is_not_followed(tmp_path: Path) -> None:
+    make_backend(tmp_path, "real")
+    make_backend(tmp_path, "first", run=False, metadata={"meta_backend_for": "real"})
+    make_backend(tmp_path, "second", run=False, metadata={"meta_backend_for": "first"})
+    index = discover_backends([tmp_path])
+    first = index.resolve("first")
+    assert first is not None and first.run == tmp_path / "real" / "run.sh"
+    assert index.resolve("second") is None
+
+
+def test_a_metadata_pipe_is_refused_without_blocking(tmp_path: Path) -> None:
+    """Discovery runs on modeld's event loop: a FIFO nobody writes to must not block it."""
+    make_backend(tmp_path, "piped")
+    os.mkfifo(tmp_path / "piped" / "metadata.json")
+    found: list[list[str]] = []
+    thread = threading.Thread(
+        target=lambda: found.append(discover_backends([tmp_path]).problems), daemon=True
+    )
+    thread.start()
+    thread.join(10)
+    if thread.is_alive():
+        with open(tmp_path / "piped" / "metadata.json", "wb"):
+            pass
+    assert found == [[f"{tmp_path / 'piped'}: skipped: metadata.json: not a regular file"]]
+
+
+def test_metadata_from_a_device_or_too_large_is_skipped(tmp_path: Path) -> None:
+    make_backend(tmp_path, "zero")
+    (tmp_path / "zero" / "metadata.json").symlink_to("/dev/zero")
+    make_backend(tmp_path, "huge", metadata='{"x": "' + "y" * 70000 + '"}')
+    problems = discover_backends([tmp_path]).problems
+    assert f"{tmp_path / 'zero'}: skipped: metadata.json: not a regular file" in problems
+    assert f"{tmp_path / 'huge'}: skipped: metadata.json: larger than 65536 bytes" in problems
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    ["", "null", "[]", '{"alias": 5}', '{"meta_backend_for": ["x"]}', "{" * 5000, '"\\ud800"'],
+)
+def test_broken_metadata_never_raises(tmp_path: Path, metadata: str) -> None:
+    make_backend(tmp_path, "broken", metadata=metadata)
+    make_backend(tmp_path, "fine")
+    index = discover_backends([tmp_path])
+    assert index.resolve("fine") is not None
+    broken = index.resolve("broken")
+    assert broken is None or broken.alias is None

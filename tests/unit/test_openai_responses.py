@@ -101,3 +101,10 @@ def test_errors_have_openai_shape_and_headers() -> None:
     assert response.content_type == "application/json"
     assert json.loads(ApiError(503, "x").encoded())["error"]["type"] == "server_error"
     assert json.loads(ApiError(400, "x", param="p").encoded())["error"]["param"] == "p"
+
+
+def test_usage_never_reports_negative_counts_a_backend_got_wrong() -> None:
+    from modeld.http.openai_responses import usage
+
+    assert usage(-1, -7) == {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    assert usage(3, 4)["total_tokens"] == 7

@@ -6,6 +6,7 @@ generated stubs from modeld.rpc.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -70,7 +71,7 @@ class Backend:
         return self.proc.wait(timeout=timeout)
 
 
-def _spawn(addr: str, log_path: Path) -> subprocess.Popen[bytes]:
+def _spawn(addr: str, log_path: Path, *extra: str) -> subprocess.Popen[bytes]:
     env = dict(os.environ)
     # MODELD_TEST_BACKEND_PYTHON runs the backend on another interpreter (e.g. the distro's
     # /usr/bin/python3 with python3-grpcio) to check wire compatibility across runtimes.
@@ -78,7 +79,7 @@ def _spawn(addr: str, log_path: Path) -> subprocess.Popen[bytes]:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SERVICE), env.get("PYTHONPATH")) if p)
     with log_path.open("wb") as log:
         return subprocess.Popen(
-            [str(RUN_SH), "--addr", addr],
+            [str(RUN_SH), "--addr", addr, *extra],
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=log,
@@ -98,14 +99,14 @@ def start(tmp_path: Path) -> Iterator[Callable[..., Backend]]:
     """Start backends; all are SIGKILLed and reaped at the end of the test."""
     started: list[Backend] = []
 
-    def _start(addr: str | None = None) -> Backend:
+    def _start(addr: str | None = None, *extra: str) -> Backend:
         n = len(started)
         if addr is None:
             sock = tmp_path / f"b{n}.sock"
             assert len(str(sock)) < 100, "unix socket path too long"
             addr = f"unix:{sock}"
         log_path = tmp_path / f"b{n}.log"
-        proc = _spawn(addr, log_path)
+        proc = _spawn(addr, log_path, *extra)
         channel = grpc.insecure_channel(addr)
         backend = Backend(proc, addr, log_path, channel, pb_grpc.BackendStub(channel))
         started.append(backend)
@@ -450,3 +451,75 @@ def test_knob_alloc_mb_raises_rss_and_free_releases_it(backend: Backend) -> None
     assert status.memory.total - base >= 56 * MIB
     assert backend.stub.Free(pb.HealthMessage(), timeout=RPC_TIMEOUT).success
     assert backend.status().memory.total < status.memory.total - 32 * MIB
+
+
+# -- misbehaviour on purpose (fuzzing modeld) ------------------------------------------------
+
+
+def test_startup_knob_health_hang_and_error(start: Callable[..., Backend]) -> None:
+    hung = start(None, "--knob", "health=hang")
+    with pytest.raises(grpc.RpcError) as err:
+        hung.stub.Health(pb.HealthMessage(), timeout=0.5)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    failing = start(None, "--knob=health=error")
+    with pytest.raises(grpc.RpcError) as err:
+        failing.stub.Health(pb.HealthMessage(), timeout=RPC_TIMEOUT)
+    assert err.value.code() == grpc.StatusCode.INTERNAL
+    assert "unhealthy as asked" in (err.value.details() or "")
+    assert failing.load().success  # the rest works: only Health is sick
+
+
+def test_a_bad_startup_knob_exits_2(tmp_path: Path) -> None:
+    proc = _spawn(f"unix:{tmp_path}/x.sock", tmp_path / "log", "--knob", "health=maybe")
+    assert proc.wait(timeout=START_TIMEOUT) == 2
+    assert "'health'" in (tmp_path / "log").read_text()
+
+
+def test_knob_health_after_load(backend: Backend) -> None:
+    assert backend.load("health=error").success
+    with pytest.raises(grpc.RpcError) as err:
+        backend.stub.Health(pb.HealthMessage(), timeout=RPC_TIMEOUT)
+    assert err.value.code() == grpc.StatusCode.INTERNAL
+    assert backend.load().success
+    assert backend.stub.Health(pb.HealthMessage(), timeout=RPC_TIMEOUT).message == b"OK"
+
+
+def test_knob_garbage(backend: Backend) -> None:
+    assert backend.load("garbage=1").success
+    reply = backend.predict("The sea", Tokens=3)
+    with pytest.raises(UnicodeDecodeError):
+        reply.message.decode("utf-8")
+    assert reply.tokens < 0
+    stream = list(
+        backend.stub.PredictStream(pb.PredictOptions(Prompt="The sea", Tokens=2), timeout=5)
+    )
+    assert stream[0].message == b"\xc3"
+    embedding = backend.stub.Embedding(pb.PredictOptions(Embeddings="x"), timeout=5).embeddings
+    assert math.isnan(embedding[0]) and math.isinf(embedding[1])
+    assert backend.stub.TokenizeString(pb.PredictOptions(Prompt="a b"), timeout=5).length < 0
+    assert backend.status().state == 99
+
+
+def test_knob_escape_leaves_a_grandchild_in_another_session(backend: Backend) -> None:
+    assert backend.load("escape=1").success
+    line = next(ln for ln in backend.log().splitlines() if "escaped: grandchild" in ln)
+    pid = int(line.split("grandchild ")[1].split()[0])
+    try:
+        assert os.getsid(pid) != os.getsid(backend.proc.pid)
+        backend.proc.send_signal(signal.SIGTERM)
+        assert backend.wait_exit() == 0
+        os.kill(pid, signal.SIGTERM)  # blocked, as in the backend's threads
+        time.sleep(0.2)  # a SIGTERM that worked would have ended it by now
+        os.kill(pid, 0)  # still there: only a SIGKILL (of its cgroup) ends it
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_knob_flood_mbps(backend: Backend) -> None:
+    assert backend.load("flood_mbps=4").success
+    before = backend.log_path.stat().st_size
+    started = time.monotonic()
+    wait_until(lambda: backend.log_path.stat().st_size - before > 2_000_000, 10, "2 MB of log")
+    assert time.monotonic() - started >= 0.3  # paced, not as fast as it can
+    assert backend.stub.Health(pb.HealthMessage(), timeout=RPC_TIMEOUT).message == b"OK"

@@ -141,6 +141,11 @@ def from_rpc_error(err: grpc.aio.AioRpcError) -> ApiError:
     return ApiError(502, f"backend error: {err.details() or err.code().name}", code="backend_error")
 
 
+def backend_nonsense(what: str) -> ApiError:
+    """The backend answered something no client can use (a NaN embedding)."""
+    return ApiError(502, f"backend error: {what}", code="backend_error")
+
+
 def backend_gone(model: str) -> ApiError:
     """The backend went away between the request getting its slot and calling it."""
     return ApiError(

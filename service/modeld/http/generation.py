@@ -13,6 +13,7 @@ import asyncio
 import codecs
 import contextlib
 import logging
+import math
 import time
 from collections.abc import AsyncIterator
 
@@ -23,6 +24,7 @@ from modeld.errors import ModeldError, NoSuchModel
 from modeld.http.errors import (
     ApiError,
     backend_gone,
+    backend_nonsense,
     from_modeld_error,
     from_rpc_error,
     internal_error,
@@ -222,6 +224,8 @@ class Gateway:
             client = await self.client(ticket, request.model)
             for text in request.inputs:
                 result = await client.stub.Embedding(backend_pb2.PredictOptions(Embeddings=text))
+                if not all(math.isfinite(value) for value in result.embeddings):
+                    raise backend_nonsense("an embedding that is not finite (NaN or infinity)")
                 vectors.append(result.embeddings)
                 prompt_tokens += await _count_tokens(client, text)
         return web.json_response(
@@ -244,4 +248,4 @@ async def _count_tokens(client: BackendClient, text: str) -> int:
         if err.code() is grpc.StatusCode.UNIMPLEMENTED:
             return 0
         raise
-    return int(result.length)
+    return max(0, int(result.length))

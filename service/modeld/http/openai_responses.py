@@ -25,6 +25,8 @@ def _dumps(value: object) -> str:
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    """OpenAI's usage object; counts a backend got wrong (negative) count as 0."""
+    prompt_tokens, completion_tokens = max(0, prompt_tokens), max(0, completion_tokens)
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,

@@ -10,6 +10,14 @@ then the real load, ``alloc_mb``, and the ``crash_after`` / ``hang_after`` clock
 ``report_identity`` logs the process's identity at the start of LoadModel.
 A later LoadModel replaces all knobs (and cancels pending ``crash_after``/``hang_after``);
 Free cancels them too. ``predict_delay`` applies to Predict, PredictStream and Embedding.
+
+Misbehaviour on purpose (fuzzing modeld): ``health`` makes Health hang or fail, ``garbage``
+makes every reply nonsense (invalid UTF-8, NaN embeddings, impossible counts and states),
+``escape`` forks a child that leaves the session and double-forks (a grandchild that ignores
+SIGTERM and outlives the backend unless its cgroup is killed), ``flood_mbps`` writes that
+many MB of log lines per second for as long as the process lives. Knobs given at startup
+(``--knob key=value``, repeatable) apply before any LoadModel: ``health`` there makes the
+backend unhealthy from the start.
 """
 
 from __future__ import annotations
@@ -49,6 +57,16 @@ class Knobs:
     report_identity: bool = False
     """LoadModel logs what the process was given: ``identity: {json}`` with its uids,
     gids, groups, umask, working directory, environment and the fds it inherited."""
+    health: str = "ok"
+    """Health answers OK (``ok``), never answers (``hang``) or fails (``error``)."""
+    garbage: bool = False
+    """Replies are nonsense: invalid UTF-8 text, NaN and infinite embeddings, negative
+    counts, a Status state that does not exist."""
+    escape: bool = False
+    """LoadModel forks a child that calls setsid and forks again: the grandchild (SIGTERM
+    blocked) outlives the backend unless its whole cgroup is killed."""
+    flood_mbps: float = 0.0
+    """MB per second of log lines written to stderr from LoadModel on."""
 
 
 def _seconds(key: str, raw: str) -> float:
@@ -80,6 +98,15 @@ def _bool(key: str, raw: str) -> bool:
     raise KnobError(f"option {key!r}: {raw!r} is not a boolean (1/0, true/false)")
 
 
+def _choice(*choices: str) -> Callable[[str, str], str]:
+    def parse(key: str, raw: str) -> str:
+        if raw not in choices:
+            raise KnobError(f"option {key!r}: {raw!r} is not one of {', '.join(choices)}")
+        return raw
+
+    return parse
+
+
 def _message(key: str, raw: str) -> str:
     return raw or f"load failed as asked by option {key!r}"
 
@@ -95,6 +122,10 @@ _PARSERS: dict[str, Callable[[str, str], Any]] = {
     "hang_after": _seconds,
     "ignore_sigterm": _bool,
     "report_identity": _bool,
+    "health": _choice("ok", "hang", "error"),
+    "garbage": _bool,
+    "escape": _bool,
+    "flood_mbps": lambda k, v: _seconds(k, v) if v else 1.0,
 }
 assert set(_PARSERS) == {f.name for f in fields(Knobs)}
 

@@ -8,7 +8,9 @@ and turned into gRPC statuses; anything unexpected is logged and becomes INTERNA
 from __future__ import annotations
 
 import json
+import math
 import os
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -73,16 +75,63 @@ def _read_model_text(path: str) -> str:
         ) from None
 
 
+GARBAGE_TEXT = b"\xff\xfe garbage \xc3\x28 \xed\xa0\x80 \xf8\x88\x80\x80\x80"
+"""Invalid UTF-8 of several kinds: bad start bytes, a broken sequence, a surrogate, 5 bytes."""
+FLOOD_LINE = b"flood " + b"x" * 1017 + b"\n"
+
+
+def _escape() -> None:
+    """Fork a child that leaves the session and forks again; the grandchild stays, with
+    SIGTERM blocked (the mask every thread of the backend has), until SIGKILLed."""
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:
+        try:
+            os.close(read)
+            os.setsid()
+            grandchild = os.fork()
+            if grandchild == 0:
+                os.write(write, f"{os.getpid()}\n".encode())
+                os.close(write)
+                while True:
+                    time.sleep(3600)
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        pid = pipe.readline().decode().strip()
+    os.waitpid(child, 0)
+    log(f"escaped: grandchild {pid} left the session (setsid, double fork)")
+
+
+def _flood(mbps: float) -> None:
+    """Write ``mbps`` MB of log lines per second to stderr, until the process ends."""
+    chunk = FLOOD_LINE * 64
+    interval = len(chunk) / (mbps * 1_000_000)
+    next_write = time.monotonic()
+    while True:
+        try:
+            os.write(sys.stderr.fileno(), chunk)
+        except OSError:
+            return
+        next_write += interval
+        time.sleep(max(0.0, next_write - time.monotonic()))
+
+
 def _describe(knobs: Knobs) -> str:
-    set_knobs = [f"{k}={v}" for k, v in vars(knobs).items() if v not in (None, False, 0, 0.0)]
+    set_knobs = [f"{k}={v}" for k, v in vars(knobs).items() if v not in (None, False, 0, 0.0, "ok")]
     return ", ".join(set_knobs) if set_knobs else "none"
 
 
 class ReferenceBackend:
     """State of the reference backend and its RPC methods (LocalAI ``backend.Backend``)."""
 
-    def __init__(self, control: ProcessControl) -> None:
+    def __init__(self, control: ProcessControl, startup: Knobs | None = None) -> None:
         self._control = control
+        self._health = startup.health if startup else "ok"
+        self._flooding = False
+        if startup and startup.flood_mbps:
+            self._start_flood(startup.flood_mbps)
         self._lock = threading.Lock()  # guards the fields below
         self._load_lock = threading.Lock()  # one LoadModel at a time
         self._loaded: Loaded | None = None
@@ -161,12 +210,26 @@ class ReferenceBackend:
             if knobs.hang_after is not None:
                 self._hang_at = time.monotonic() + knobs.hang_after
 
+    def _start_flood(self, mbps: float) -> None:
+        if not self._flooding:
+            self._flooding = True
+            log(f"flooding the log with {mbps:g} MB/s as asked (flood_mbps)")
+            threading.Thread(target=_flood, args=(mbps,), daemon=True, name="flood").start()
+
+    def _garbage(self) -> bool:
+        loaded = self._loaded
+        return loaded is not None and loaded.knobs.garbage
+
     # -- RPCs --------------------------------------------------------------------
 
     @unary
     def Health(self, request: Any, context: Any) -> Any:
-        """Liveness: Reply(message=b"OK")."""
+        """Liveness: Reply(message=b"OK") (the ``health`` knob: hangs, or fails)."""
         self._enter()
+        if self._health == "hang":
+            _forever("hanging Health as asked (health=hang)")
+        if self._health == "error":
+            raise RpcAbort(grpc.StatusCode.INTERNAL, "unhealthy as asked (health=error)")
         return pb.Reply(message=b"OK")
 
     @unary
@@ -179,6 +242,11 @@ class ReferenceBackend:
             log(f"LoadModel refused: {e}")
             return pb.Result(success=False, message=str(e))
         self._control.ignore_sigterm = knobs.ignore_sigterm
+        self._health = knobs.health
+        if knobs.escape:
+            _escape()
+        if knobs.flood_mbps:
+            self._start_flood(knobs.flood_mbps)
         if knobs.report_identity:
             log(f"identity: {json.dumps(identity(self._control.inherited_fds))}")
         path = model_path(request)
@@ -230,6 +298,8 @@ class ReferenceBackend:
                 prompt, self._sampling(request), new_turn=new_turn
             )
             done = time.monotonic()
+        if loaded.knobs.garbage:
+            return pb.Reply(message=GARBAGE_TEXT, tokens=-7, prompt_tokens=-1)
         return pb.Reply(
             message=text.encode("utf-8"),
             tokens=n_tokens,
@@ -255,6 +325,10 @@ class ReferenceBackend:
                 self._enter()
                 if not context.is_active():
                     return
+                if loaded.knobs.garbage:  # a character split across replies, then junk
+                    yield pb.Reply(message=b"\xc3", tokens=-1)
+                    yield pb.Reply(message=GARBAGE_TEXT, tokens=2**31 - 1)
+                    continue
                 yield pb.Reply(
                     message=chunk.text.encode("utf-8"),
                     tokens=chunk.tokens,
@@ -269,6 +343,8 @@ class ReferenceBackend:
         text = request.Prompt or request.Embeddings
         with self._busy_scope(loaded):
             vector = embed(text)
+        if loaded.knobs.garbage:
+            vector = [math.nan, math.inf, -math.inf, *vector[3:]]
         return pb.EmbeddingResult(embeddings=vector)
 
     @unary
@@ -277,6 +353,8 @@ class ReferenceBackend:
         self._enter()
         model = self._require_model().model
         ids = [model.token_id(t) for t in tokenize(request.Prompt)]
+        if self._garbage():
+            return pb.TokenizationResponse(length=-5, tokens=[-1, 2**31 - 1])
         return pb.TokenizationResponse(length=len(ids), tokens=ids)
 
     @unary
@@ -289,6 +367,8 @@ class ReferenceBackend:
             "model_ngrams": loaded.model.approx_bytes if loaded else 0,
             "alloc": len(loaded.ballast) if loaded and loaded.ballast else 0,
         }
+        if loaded is not None and loaded.knobs.garbage:
+            return pb.StatusResponse(state=99, memory=pb.MemoryUsageData(total=2**64 - 1))
         return status_reply(loaded=loaded is not None, busy=busy, breakdown=breakdown)
 
     @unary

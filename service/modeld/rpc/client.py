@@ -54,7 +54,14 @@ class BackendClient:
         self.stub = backend_pb2_grpc.BackendStub(self._channel)
 
     async def health(self, timeout: float | None = None) -> None:
-        await self.stub.Health(backend_pb2.HealthMessage(), wait_for_ready=True, timeout=timeout)
+        """Raise LoadFailed unless Health answers (waits for the connection; a backend that
+        never answers is for the caller's timeout or stall guard)."""
+        try:
+            await self.stub.Health(
+                backend_pb2.HealthMessage(), wait_for_ready=True, timeout=timeout
+            )
+        except grpc.aio.AioRpcError as err:
+            raise LoadFailed(f"Health failed: {err.details() or err.code().name}") from None
 
     async def load_model(self, options: backend_pb2.ModelOptions) -> None:
         """Call LoadModel without a deadline (the owner's stall timeout bounds it)."""
