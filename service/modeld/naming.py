@@ -28,6 +28,17 @@ _MAX_SOCKET_STEM = 48
 BACKEND_SOCKET_NAME = "backend.sock"
 
 
+_ECHO_MAX = 120
+
+
+def shown(name: str) -> str:
+    """``repr(name)`` for messages, cut short: a caller's name of any length must not make
+    a reply or a journal line of that length."""
+    if len(name) <= _ECHO_MAX:
+        return repr(name)
+    return f"{name[:_ECHO_MAX]!r}… ({len(name)} characters)"
+
+
 def bus_path_escape(name: str) -> str:
     """Escape like sd_bus_path_encode: bytes outside [A-Za-z0-9] become ``_xx``."""
     if not name:

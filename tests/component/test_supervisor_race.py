@@ -7,15 +7,21 @@ rounds (tests/integration/test_eviction_race.py)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
+import os
+import signal
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import pytest
 from fakes import FakeSystemd
 
 from modeld.config import load_config
 from modeld.rpc import backend_pb2
 from modeld.supervisor.registry import Supervisor
 from modeld.supervisor.status import StatusChange
+from modeld.system.systemd import ScopeSpec
 
 DEMO = Path(__file__).resolve().parents[2] / "service" / "modeld" / "data" / "demo.txt"
 ROUNDS = 6
@@ -113,3 +119,104 @@ def test_with_force_the_load_wins_and_a_cut_off_request_fails_honestly(tmp_path:
 
     systemd = run(tmp_path, scenario)
     assert systemd.scopes == {}
+
+
+class SlowScopeSystemd(FakeSystemd):
+    """A systemd that creates the scope (holding modeld's reference, as AddRef does) but
+    answers StartTransientUnit only when told: an unload arrives in between."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked = asyncio.Event()
+        self.answer = asyncio.Event()
+        self.referenced: set[str] = set()
+
+    async def start_scope(self, spec: ScopeSpec, pid: int) -> None:
+        await super().start_scope(spec, pid)
+        self.referenced.add(spec.unit)
+        self.asked.set()
+        await self.answer.wait()
+
+    async def unref_unit(self, unit: str) -> None:
+        await super().unref_unit(unit)
+        self.referenced.discard(unit)
+
+
+def test_an_unload_during_the_scope_start_drops_the_scope_too(tmp_path: Path) -> None:
+    """Regression (found by the D-Bus fuzz test): a load cancelled while systemd was creating
+    its scope left that scope loaded in systemd (failed: Result=resources), referenced by
+    modeld, for ever: a scope without a model."""
+    systemd = SlowScopeSystemd()
+
+    async def main() -> None:
+        config = load_config(configure(tmp_path), host_memory=16 * 1024**3)
+        watch = Watch()
+        supervisor = Supervisor(config, systemd, watch, watch_pressure=False)
+        await supervisor.start()
+        try:
+            loaded = await supervisor.load("a")
+            await asyncio.wait_for(systemd.asked.wait(), 30)
+            unload = asyncio.ensure_future(supervisor.unload("a", force=True))
+            await asyncio.sleep(0.2)  # let the unload cancel the load (it waits on systemd)
+            systemd.answer.set()
+            await unload
+            with contextlib.suppress(Exception):
+                await loaded
+            assert not supervisor.status("a").state.serving
+        finally:
+            await supervisor.shutdown()
+
+    asyncio.run(asyncio.wait_for(main(), 120))
+    assert systemd.referenced == set(), systemd.calls
+    assert ("stop_unit", "modeld-backend-a-1.scope") in systemd.calls
+
+
+class StubbornScopeSystemd(SlowScopeSystemd):
+    """As SlowScopeSystemd, and a cancelled StartTransientUnit call takes a while to end."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cancelled = asyncio.Event()
+        self.let_go = asyncio.Event()
+
+    async def start_scope(self, spec: ScopeSpec, pid: int) -> None:
+        try:
+            await super().start_scope(spec, pid)
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            await self.let_go.wait()
+            raise
+
+
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_restart_while_an_unload_cancels_a_load_ends(tmp_path: Path) -> None:
+    """Regression (found by the D-Bus fuzz test, calls racing ``systemctl restart``): the
+    owner, cancelled by detach() while it waited for its cancelled load to end, swallowed its
+    own cancellation and ran on, so modeld never finished stopping. (detach() lets go of the
+    backend's Popen while it runs, as a restart does: hence the ResourceWarning.)"""
+    systemd = StubbornScopeSystemd()
+
+    async def main() -> None:
+        config = load_config(configure(tmp_path), host_memory=16 * 1024**3)
+        watch = Watch()
+        supervisor = Supervisor(config, systemd, watch, watch_pressure=False)
+        await supervisor.start()
+        await supervisor.load("a")
+        await asyncio.wait_for(systemd.asked.wait(), 30)
+        unload = asyncio.ensure_future(supervisor.unload("a", force=True))
+        await asyncio.wait_for(systemd.cancelled.wait(), 30)
+        detach = asyncio.ensure_future(supervisor.detach())
+        await asyncio.sleep(0.1)
+        systemd.let_go.set()
+        await asyncio.wait_for(detach, 10)
+        unload.cancel()
+        for unit, pid in systemd.scopes.items():  # detached: left running, as for a restart
+            for process in (pid, *systemd.specs[unit].extra_pids):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process, signal.SIGKILL)
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(process, 0)
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+    gc.collect()  # the released Popen's warning, here, where it is ignored

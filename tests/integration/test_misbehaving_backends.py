@@ -20,8 +20,6 @@ import pytest
 from sandbox import Sandbox
 from sandbox.deploy import Modeld, deploy, reference_model
 
-from modeld.naming import unit_escape
-
 pytestmark = pytest.mark.systemd
 
 REPO = Path(__file__).resolve().parents[2]
@@ -81,41 +79,14 @@ def modeld(sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     shutil.rmtree(backends, ignore_errors=True)
 
 
-def main_pid(modeld: Modeld) -> int:
-    out = modeld.sandbox.systemctl("show", "-P", "MainPID", "modeld.service").stdout
-    return int(out.strip())
-
-
 @pytest.fixture
 def served(modeld: Modeld) -> Iterator[None]:
     """The test must leave modeld running (same process), serving and consistent."""
-    before = main_pid(modeld)
+    before = modeld.main_pid()
     yield
-    assert_serving(modeld)
-    assert main_pid(modeld) == before, "modeld was restarted"
-    assert_consistent(modeld)
-
-
-def assert_serving(modeld: Modeld) -> None:
-    status, body = modeld.http_post(
-        "/v1/completions", {"model": "good", "prompt": "The sea", "max_tokens": 3}
-    )
-    assert status == 200, body
-    assert body["choices"][0]["text"]
-
-
-def assert_consistent(modeld: Modeld) -> None:
-    """modeld's view equals systemd's: one live scope per loaded model, nothing else."""
-    states = {name: state for name, state, _backend, _path in modeld.call("ListModels")[0]}
-    scopes = modeld.scopes()
-    for name, state in states.items():
-        mine = [s for s in scopes if s.startswith(f"modeld-backend-{unit_escape(name)}-")]
-        if state in LOADED:
-            assert mine == [modeld.prop(name, "Unit")], (name, state, scopes)
-        elif state in ("unloaded", "failed"):
-            assert modeld.leftovers(name) == [], (name, state)
-    live = LOADED | {"loading", "unloading"}
-    assert len(scopes) == sum(state in live for state in states.values())
+    modeld.assert_serves("good")
+    assert modeld.main_pid() == before, "modeld was restarted"
+    modeld.assert_consistent()
 
 
 def load_error(modeld: Modeld, name: str, *, force: bool = True) -> str:
@@ -194,7 +165,7 @@ def test_a_grandchild_that_escaped_its_session_is_killed_with_the_scope(
 def test_a_backend_flooding_its_output_does_not_stop_modeld(modeld: Modeld, served: None) -> None:
     modeld.load("flood")
     for _ in range(5):
-        assert_serving(modeld)
+        modeld.assert_serves("good")
         assert modeld.prop("flood", "State") in LOADED
     modeld.unload("flood")
     assert modeld.leftovers("flood") == []

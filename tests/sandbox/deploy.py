@@ -25,6 +25,7 @@ DEMO_TEXT = REPO / "service" / "modeld" / "data" / "demo.txt"
 
 
 BACKEND_MODULES = ("modeld.reference_backend", "modeld.llama_backend")
+UNIT_PREFIX = "modeld-backend-"
 
 
 def reference_model(
@@ -263,6 +264,36 @@ class Modeld:
             *(p for p in self.backend_processes() if f"/backends/{stem}/" in p),
             *(s for s in self.backend_sockets() if s == stem),
         ]
+
+    def main_pid(self) -> int:
+        """modeld's MainPID as systemd has it (0: not running)."""
+        out = self.sandbox.systemctl("show", "-P", "MainPID", "modeld.service").stdout
+        return int(out.strip() or 0)
+
+    def assert_serves(self, model: str) -> None:
+        """``model`` answers a completion through the front door."""
+        status, body = self.http_post(
+            "/v1/completions", {"model": model, "prompt": "The sea", "max_tokens": 3}
+        )
+        assert status == 200, body
+        assert body["choices"][0]["text"]
+
+    def assert_consistent(self) -> None:
+        """modeld's view equals systemd's: exactly one scope per model with a backend (the
+        one its Unit names, once loaded), no scope, process or socket of any other."""
+        from modeld.naming import unit_escape
+
+        states = {name: state for name, state, _backend, _path in self.call("ListModels")[0]}
+        scopes = self.scopes()
+        for name, state in states.items():
+            mine = [s for s in scopes if s.startswith(f"{UNIT_PREFIX}{unit_escape(name)}-")]
+            if state in ("ready", "busy"):
+                assert mine == [self.prop(name, "Unit")], (name, state, scopes)
+            elif state in ("unloaded", "failed"):
+                left = self.leftovers(name)
+                assert left == [], (name, state, left)
+        live = {"ready", "busy", "loading", "unloading"}
+        assert len(scopes) == sum(state in live for state in states.values()), (states, scopes)
 
     def backend_sockets(self) -> list[str]:
         """The models (socket stems) whose backend socket exists."""

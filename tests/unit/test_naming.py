@@ -67,3 +67,11 @@ def test_distinct_long_names_get_distinct_units() -> None:
     assert backend_socket(__import__("pathlib").Path("/r"), a) != backend_socket(
         __import__("pathlib").Path("/r"), b
     )
+
+
+def test_shown_cuts_long_names_short() -> None:
+    from modeld.naming import shown
+
+    assert shown("demo") == "'demo'"
+    long = shown("x" * 300_000)
+    assert len(long) < 200 and long.endswith("… (300000 characters)")

@@ -44,7 +44,13 @@ from modeld.bus.signatures import (
 )
 from modeld.config import ModelConfig
 from modeld.errors import AccessDenied, InvalidArgs, ModeldError, NoSuchModel, PinnedModel
-from modeld.naming import MANAGER_INTERFACE, MANAGER_PATH, MODEL_INTERFACE, model_object_path
+from modeld.naming import (
+    MANAGER_INTERFACE,
+    MANAGER_PATH,
+    MODEL_INTERFACE,
+    model_object_path,
+    shown,
+)
 from modeld.supervisor.registry import Supervisor
 from modeld.supervisor.status import ModelStatus, StatusChange
 
@@ -208,7 +214,7 @@ class ModelInterface(ApiInterface):
         """The model's configuration as the supervisor has it (a reload replaces it at once)."""
         config = self._supervisor.config.models.get(self._model_name)
         if config is None:
-            raise NoSuchModel(f"no model named {self._model_name!r} is configured")
+            raise NoSuchModel(f"no model named {shown(self._model_name)} is configured")
         return config
 
     @dbus_property(access=PropertyAccess.READ)

@@ -23,6 +23,7 @@ from modeld.errors import (
     QueueFull,
     SystemdError,
 )
+from modeld.naming import shown
 
 RETRY_AFTER_BUSY = 5
 """Seconds to wait after a load that found the models in its way busy, or a request that
@@ -97,7 +98,7 @@ def bad_request(message: str, param: str | None = None) -> ApiError:
 
 def unknown_model(name: str) -> ApiError:
     return ApiError(
-        404, f"no model named {name!r} is configured", param="model", code="model_not_found"
+        404, f"no model named {shown(name)} is configured", param="model", code="model_not_found"
     )
 
 

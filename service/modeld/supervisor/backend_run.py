@@ -122,6 +122,9 @@ class BackendRun:
     client: BackendClient | None = None
     oom: OomWatch | None = None
     control_group: str = ""
+    scope_requested: bool = False
+    """StartTransientUnit was (about to be) sent: systemd may hold the scope, and our
+    reference on it (AddRef), even if the start was cancelled or failed."""
     scope_started: bool = False
     stopping: bool = False
     phases: list[tuple[str, float]] = field(
@@ -288,6 +291,7 @@ class BackendRun:
             stop_timeout_s=context.stop_timeout,
             extra_pids=(self.relay.pid,) if self.relay is not None else (),
         )
+        self.scope_requested = True
         await context.systemd.start_scope(spec, self.process.pid)
         self.scope_started = True
 
@@ -410,6 +414,8 @@ class BackendRun:
             if not stopped:
                 await systemd.kill_unit(self.unit, signal.SIGKILL)
             await systemd.unref_unit(self.unit)
+        elif self.scope_requested:
+            await self._drop_unstarted_scope(systemd)
         if self.oom is not None:
             self.oom.close()
         if self.client is not None:
@@ -417,6 +423,15 @@ class BackendRun:
         self._remove_socket()
         context.records.remove(self.unit)
         return result
+
+    async def _drop_unstarted_scope(self, systemd: SystemdApi) -> None:
+        """A scope whose start was cancelled (an unload during the load) or failed (its
+        processes were gone when systemd moved them: Result=resources) may still be loaded
+        in systemd, held by our AddRef, and would never be collected. systemd handles one
+        connection's calls in order, so these come after the StartTransientUnit call."""
+        with contextlib.suppress(SystemdError):
+            await systemd.stop_unit(self.unit)
+        await systemd.unref_unit(self.unit)
 
     def admit(self, users: frozenset[int]) -> None:
         """Let ``users`` (and no other user but root and the backend's) reach the socket:

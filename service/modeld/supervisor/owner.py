@@ -656,11 +656,22 @@ class ModelOwner:
             await self._fail(backend, "")
 
     async def _cancel_load(self) -> None:
+        """Cancel the load sub-task and wait for it to end.
+
+        Its CancelledError is swallowed, but not the owner's own: an owner cancelled while
+        it waits here (:meth:`detach` when modeld restarts) must end, or the restart hangs.
+        """
         task, self._load_task = self._load_task, None
         if task is not None and not task.done():
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
+            try:
                 await task
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise
+            except Exception:
+                pass
 
     async def _fail(self, backend: BackendRun, summary: str) -> None:
         """Tear the backend down and settle in ``failed`` with a reason and LastError."""

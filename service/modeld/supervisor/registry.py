@@ -27,7 +27,7 @@ from modeld.errors import (
     NoSuchModel,
     SystemdError,
 )
-from modeld.naming import SLICE, UNIT_PREFIX, parse_scope_name, unit_escape
+from modeld.naming import SLICE, UNIT_PREFIX, parse_scope_name, shown, unit_escape
 from modeld.rpc.client import BackendClient
 from modeld.supervisor.backend_run import OwnerContext
 from modeld.supervisor.footprints import FootprintStore
@@ -314,7 +314,7 @@ class Supervisor:
     def owner(self, name: str) -> ModelOwner:
         owner = self._owners.get(name)
         if owner is None:
-            raise NoSuchModel(f"no model named {name!r} is configured")
+            raise NoSuchModel(f"no model named {shown(name)} is configured")
         return owner
 
     def owners(self) -> Iterable[ModelOwner]:

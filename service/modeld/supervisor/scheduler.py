@@ -46,6 +46,7 @@ from modeld.core.eviction import (
 from modeld.core.pressure import Hysteresis, stall_percent
 from modeld.core.states import ModelState
 from modeld.errors import Busy, InsufficientResources, LoadFailed, ModeldError, NoSuchModel
+from modeld.naming import shown
 from modeld.supervisor.cooldown import cooldown_refusal
 from modeld.supervisor.mailbox import serve
 from modeld.supervisor.measurements import GpuReading, Measurements
@@ -353,7 +354,7 @@ class Scheduler:
 
     async def _on_load_request(self, message: _LoadRequest) -> None:
         if message.name not in self._models:
-            message.reply.set_exception(NoSuchModel(f"no model named {message.name!r}"))
+            message.reply.set_exception(NoSuchModel(f"no model named {shown(message.name)}"))
             return
         admission = self._admissions.get(message.name)
         if admission is not None:
