@@ -1,0 +1,1 @@
+"""The chaos soak (issue 8): tests/integration/test_chaos_soak.py runs it."""
