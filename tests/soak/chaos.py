@@ -405,7 +405,9 @@ class Chaos:
                 if window != "kill":
                     self.stats.violation(f"request to {name} got no answer ({window}): {err!r}")
                 return
-            self.stats.outcomes[f"request:{status}"] += 1
+            error = error_shape(payload) if status != 200 else None
+            code = f":{error['code']}" if error else ""
+            self.stats.outcomes[f"request:{status}{code}"] += 1
             if status == 200:
                 if stream and "[DONE]" not in payload and '"error"' not in payload:
                     window = self.spans_window(epoch)
@@ -415,7 +417,6 @@ class Chaos:
                             f"stream of {name} ended without [DONE] ({window}): {payload!r}"
                         )
                 return
-            error = error_shape(payload)
             killed = self.backend_kills.get(name, 0.0) >= started - CRASH_NOTICE
             excused = status in (429, 503) or (
                 status == 502 and (self.spans_window(epoch) or killed)
