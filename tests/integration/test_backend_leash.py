@@ -48,12 +48,8 @@ def modeld(sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             "unbounded": reference_model(memory_max="infinity"),
         },
     )
-    deployment.stop()
-    deployment.install()
-    deployment.start()
-    yield deployment
-    deployment.stop()
-    sandbox.remove_units(["modeld.service", "modeld.socket", "modeld.slice"])
+    with deployment.deployed():
+        yield deployment
 
 
 def identity(modeld: Modeld, name: str) -> dict[str, Any]:

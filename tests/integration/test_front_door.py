@@ -15,10 +15,10 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-import httpx2
 import openai
 import pytest
 from busclient import SignalRecorder, connect
+from openai_client import openai_client
 from sandbox import Sandbox
 from sandbox.deploy import Modeld, reference_model
 
@@ -43,21 +43,14 @@ def modeld(
         models=dict(MODELS),
         python=RUNTIMES[request.param],
     )
-    deployment.stop()
-    deployment.install()
-    deployment.start()
-    yield deployment
-    deployment.stop()
-    sandbox.remove_units(["modeld.service", "modeld.socket", "modeld.slice"])
+    with deployment.deployed():
+        yield deployment
 
 
 @pytest.fixture
 def client(modeld: Modeld) -> Iterator[openai.OpenAI]:
-    transport = httpx2.HTTPTransport(uds=str(modeld.api_socket))
-    with httpx2.Client(transport=transport) as http:
-        yield openai.OpenAI(
-            base_url="http://modeld/v1", api_key="unused", http_client=http, max_retries=0
-        )
+    with openai_client(modeld) as client:
+        yield client
 
 
 def curl(modeld: Modeld, *args: str) -> str:

@@ -18,11 +18,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx2
 import openai
 import pytest
 from busclient import SignalRecorder, call, connect
 from ggufgen import write_model
+from openai_client import openai_client
 from sandbox import Sandbox
 from sandbox.deploy import Modeld, llama_model
 
@@ -61,21 +61,14 @@ def modeld(
             ),
         },
     )
-    deployment.stop()
-    deployment.install()
-    deployment.start()
-    yield deployment
-    deployment.stop()
-    sandbox.remove_units(["modeld.service", "modeld.socket", "modeld.slice"])
+    with deployment.deployed():
+        yield deployment
 
 
 @pytest.fixture
 def client(modeld: Modeld) -> Iterator[openai.OpenAI]:
-    transport = httpx2.HTTPTransport(uds=str(modeld.api_socket))
-    with httpx2.Client(transport=transport) as http:
-        yield openai.OpenAI(
-            base_url="http://modeld/v1", api_key="unused", http_client=http, max_retries=0
-        )
+    with openai_client(modeld) as client:
+        yield client
 
 
 def test_completions_whole_and_streamed_through_the_front_door(
@@ -221,12 +214,8 @@ def modeld_without_llama(
         models={"tiny": llama_model(gguf["tiny"])},
         python="/usr/bin/python3",
     )
-    deployment.stop()
-    deployment.install()
-    deployment.start()
-    yield deployment
-    deployment.stop()
-    sandbox.remove_units(["modeld.service", "modeld.socket", "modeld.slice"])
+    with deployment.deployed():
+        yield deployment
 
 
 def test_without_llama_cpp_python_a_load_fails_at_once_saying_how_to_install(

@@ -8,11 +8,12 @@ sees that directory.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,18 @@ class Modeld:
         """Start the socket and activate modeld through it (a GET /healthz)."""
         self.sandbox.systemctl("start", "modeld.socket")
         self.http_get("/healthz")
+
+    @contextlib.contextmanager
+    def deployed(self) -> Iterator[Modeld]:
+        """Installed and started for the ``with`` block; stopped and its units removed after."""
+        self.stop()
+        self.install()
+        self.start()
+        try:
+            yield self
+        finally:
+            self.stop()
+            self.sandbox.remove_units(["modeld.service", "modeld.socket", "modeld.slice"])
 
     def stop(self) -> None:
         self.sandbox.systemctl("stop", "modeld.service", "modeld.socket", check=False)

@@ -160,3 +160,16 @@ def test_the_pages_build_without_warnings(tmp_path: Path) -> None:
     assert built == ["modeld.8", "modeld.toml.5", "modeldctl.1", "org.modeld1.5"]
     roff = (tmp_path / "modeld.8").read_text()
     assert f'.TH "MODELD" 8 "2026-11-30" "modeld {__version__}"' in roff  # reproducible
+
+
+def test_every_unit_points_at_the_man_pages() -> None:
+    units = [
+        p
+        for p in [*REPO.glob("systemd/*"), *REPO.glob("systemd/user/*")]
+        if p.suffix in (".service", ".socket", ".slice") and not p.name.startswith("org.")
+    ]
+    assert len(units) >= 6
+    for unit in units:
+        lines = unit.read_text().splitlines()
+        docs = [line for line in lines if line.startswith("Documentation=")]
+        assert docs and "man:modeld(8)" in docs[0], unit

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from modeld.bus.authorization import Action, Authorizer
+from modeld.bus.authorization import Action, Authorizer, Call
 from modeld.config import (
     SYSTEM_BACKENDS_DIRS,
     ConfigError,
@@ -184,7 +184,8 @@ def test_a_per_user_modeld_lets_only_its_own_user_change_it(
 
     async def check(uid: int, own_user_only: bool) -> str | None:
         try:
-            await FixedUid(uid, own_user_only=own_user_only).check(Action.USE, ":1.7", "Load x")
+            authorizer = FixedUid(uid, own_user_only=own_user_only)
+            await authorizer.authorize(Action.USE, Call(sender=":1.7", what="Load x"))
         except AccessDenied as err:
             return str(err)
         return None
