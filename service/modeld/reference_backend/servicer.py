@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -80,27 +81,35 @@ GARBAGE_TEXT = b"\xff\xfe garbage \xc3\x28 \xed\xa0\x80 \xf8\x88\x80\x80\x80"
 FLOOD_LINE = b"flood " + b"x" * 1017 + b"\n"
 
 
+_ESCAPE_SCRIPT = """
+import os, signal, sys, time
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+pid = os.fork()
+if pid:
+    print(pid, flush=True)
+    os._exit(0)
+null = os.open(os.devnull, os.O_RDWR)
+for fd in (0, 1):
+    os.dup2(null, fd)
+while True:
+    time.sleep(3600)
+"""
+
+
 def _escape() -> None:
-    """Fork a child that leaves the session and forks again; the grandchild stays, with
-    SIGTERM blocked (the mask every thread of the backend has), until SIGKILLed."""
-    read, write = os.pipe()
-    child = os.fork()
-    if child == 0:
-        try:
-            os.close(read)
-            os.setsid()
-            grandchild = os.fork()
-            if grandchild == 0:
-                os.write(write, f"{os.getpid()}\n".encode())
-                os.close(write)
-                while True:
-                    time.sleep(3600)
-        finally:
-            os._exit(0)
-    os.close(write)
-    with os.fdopen(read, "rb") as pipe:
-        pid = pipe.readline().decode().strip()
-    os.waitpid(child, 0)
+    """Start a child in a new session (setsid) that forks again and exits: the grandchild,
+    SIGTERM blocked, is nobody's child of ours and outlives the backend unless SIGKILLed.
+    (Started with fork + exec: a bare fork of this multi-threaded gRPC process is unsafe.)"""
+    child = subprocess.Popen(
+        [sys.executable, "-c", _ESCAPE_SCRIPT, "modeld.reference_backend escapee"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+    )
+    assert child.stdout is not None
+    pid = child.stdout.readline().decode().strip()
+    child.stdout.close()
+    child.wait()
     log(f"escaped: grandchild {pid} left the session (setsid, double fork)")
 
 
