@@ -197,7 +197,10 @@ def plot_readiness(result: dict[str, Any], docs: Path) -> Path:
         highs = [
             _q(by_delay[d][policy], 0.75) / 1000 - m for m, d in zip(meds, delays, strict=True)
         ]
-        left.errorbar(xs, meds, yerr=[lows, highs], marker="o", capsize=3, label=policy)
+        color = f"C{policies.index(policy)}"  # the same colour for a policy in both panels
+        left.errorbar(
+            xs, meds, yerr=[lows, highs], marker="o", capsize=3, label=policy, color=color
+        )
     left.set_xlabel("backend load time (s)")
     left.set_ylabel("time to ready (s)")
     left.set_title("Time to ready (median, IQR)")
@@ -211,7 +214,13 @@ def plot_readiness(result: dict[str, Any], docs: Path) -> Path:
             )
             for d in delays
         ]
-        right.bar([j + i * width for j in range(len(delays))], over, width, label=policy)
+        right.bar(
+            [j + i * width for j in range(len(delays))],
+            over,
+            width,
+            label=policy,
+            color=f"C{policies.index(policy)}",
+        )
     right.set_xticks(
         [j + width * (len(policies) - 2) / 2 for j in range(len(delays))],
         [f"{float(d):g} s" for d in delays],
