@@ -23,7 +23,7 @@ import psutil
 
 from modeld import __version__
 from modeld.config import Config, ConfigError, Layout, load_config, system_layout, user_layout
-from modeld.errors import InvalidConfig
+from modeld.errors import InvalidConfig, ModeldError
 from modeld.metrics import Metrics
 from modeld.naming import BUS_NAME
 from modeld.supervisor.environment import default_backend_user
@@ -112,6 +112,8 @@ class Daemon:
         self._stop = asyncio.Event()
         self._reload_requested = asyncio.Event()
         self._reload_lock = asyncio.Lock()
+        self._stopping = False
+        """Set once modeld stops (under the reload lock): no reload may start after it."""
         self._tasks: set[asyncio.Task[None]] = set()
         self._supervisor: Supervisor | None = None
         self._service: BusService | None = None
@@ -220,6 +222,8 @@ class Daemon:
         )
         supervisor.preload()  # after re-adoption and READY: loads run in the background
         await self._stop.wait()
+        async with self._reload_lock:  # a reload under way ends first; later ones are refused
+            self._stopping = True
 
         restarting = await systemd.own_job_type() in RESTART_JOBS
         self._notifier.stopping()
@@ -246,12 +250,14 @@ class Daemon:
         while True:
             await self._reload_requested.wait()
             self._reload_requested.clear()
-            with contextlib.suppress(InvalidConfig):
+            with contextlib.suppress(ModeldError):
                 await self.reload()
 
     async def reload(self) -> None:
         """Re-read the configuration; invalid configuration keeps the running one."""
         async with self._reload_lock:
+            if self._stopping:
+                raise ModeldError("modeld is stopping: the configuration is not reloaded")
             self._notifier.reloading()
             try:
                 config = await asyncio.to_thread(read_config, self._args.config, self._layout)
