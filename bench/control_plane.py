@@ -152,30 +152,25 @@ async def drive(levels: Sequence[int], calls: int, idle_s: float) -> dict[str, A
 
 def run(levels: Sequence[int] = DEFAULT_LEVELS, calls: int = 500, idle_s: float = 60.0) -> Any:
     """Boot a sandbox, deploy modeld with max(levels) models, run the driver inside."""
-    import tempfile
 
-    from sandbox import booted_sandbox
     from sandbox.deploy import deploy, reference_model
+    from sandboxed import bench_sandbox, run_driver
 
     count = max(levels)
     models = {model(i): reference_model(memory_max="128M") for i in range(count)}
-    with (
-        tempfile.TemporaryDirectory(prefix="modeld-bench-") as tmp,
-        booted_sandbox(dbus_policy_files=[REPO / "systemd" / "org.modeld1.conf"]) as sandbox,
-    ):
+    with bench_sandbox() as (sandbox, tmp):
         modeld = deploy(sandbox, Path(tmp), models)
-        proc = sandbox.exec(
-            sys.executable,
-            str(Path(__file__).resolve()),
+        output = run_driver(
+            sandbox,
+            __file__,
             "--driver",
             f"--levels={','.join(str(n) for n in levels)}",
             f"--calls={calls}",
             f"--idle={idle_s}",
-            env={"PYTHONPATH": str(REPO / "service")},
             timeout=180 + 2 * idle_s + count * 5 + len(levels) * calls * 0.2,
         )
         modeld.stop()
-    result: dict[str, Any] = json.loads(proc.stdout.splitlines()[-1])
+    result: dict[str, Any] = output
     result.update(levels=list(levels), calls=calls, idle_s=idle_s)
     return result
 

@@ -26,7 +26,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -164,32 +163,28 @@ def run(
 ) -> dict[str, Any]:
     """Boot a sandbox, deploy modeld, drive the cycles inside; the result with per-batch
     samples (CPU per cycle, systemd's CPU per cycle, RSS and open fds after each batch)."""
-    from sandbox import booted_sandbox
     from sandbox.deploy import deploy, reference_model
+    from sandboxed import bench_sandbox, run_driver
 
-    with (
-        tempfile.TemporaryDirectory(prefix="modeld-bench-") as tmp,
-        booted_sandbox(dbus_policy_files=[REPO / "systemd" / "org.modeld1.conf"]) as sandbox,
-    ):
+    with bench_sandbox() as (sandbox, tmp):
         modeld = deploy(
             sandbox,
             Path(tmp),
             {MODEL: reference_model(memory_max="256M")},
             dropin=dropin.replace("\\n", "\n") + "\n" if dropin else "",
         )
-        proc = sandbox.exec(
-            sys.executable,
-            str(Path(__file__).resolve()),
+        output = run_driver(
+            sandbox,
+            __file__,
             "--driver",
             f"--batches={batches}",
             f"--cycles={cycles}",
             f"--warmup={warmup}",
             *([f"--py-spy={py_spy.resolve()}"] if py_spy else []),
-            env={"PYTHONPATH": str(REPO / "service")},
             timeout=120 + batches * cycles * 3,
         )
         modeld.stop()
-    driver = json.loads(proc.stdout.splitlines()[-1])
+    driver = output
     cpu = [round(v, 2) for v in driver["cpu_ms"]]
     wall = [round(v, 1) for v in driver["wall_ms"]]
     return {

@@ -20,7 +20,6 @@ import json
 import re
 import statistics
 import sys
-import tempfile
 import time
 import timeit
 from pathlib import Path
@@ -173,8 +172,8 @@ def figures(result: dict[str, Any]) -> list[dict[str, Any]]:
 
 def sandbox_runs(rounds: int, *, pressure: bool = True) -> dict[str, object]:
     """The swap rounds, then (if ``pressure``) the pressure run, in one sandbox."""
-    from sandbox import booted_sandbox
     from sandbox.deploy import deploy, reference_model
+    from sandboxed import bench_sandbox, run_driver
 
     result: dict[str, object] = {}
     models = {
@@ -182,20 +181,16 @@ def sandbox_runs(rounds: int, *, pressure: bool = True) -> dict[str, object]:
         "b": reference_model(extra=GROUP),
         **{f"p{i}": reference_model() for i in range(4)},
     }
-    with (
-        tempfile.TemporaryDirectory(prefix="modeld-bench-") as tmp,
-        booted_sandbox(dbus_policy_files=[REPO / "systemd" / "org.modeld1.conf"]) as sandbox,
-    ):
+    with bench_sandbox() as (sandbox, tmp):
         modeld = deploy(sandbox, Path(tmp), models)
-        proc = sandbox.exec(
-            sys.executable,
-            str(Path(__file__).resolve()),
+        output = run_driver(
+            sandbox,
+            __file__,
             "--swap-driver",
             f"--rounds={rounds}",
-            env={"PYTHONPATH": str(REPO / "service")},
             timeout=120 + rounds * 20,
         )
-        result["swap"] = swap_report(json.loads(proc.stdout.splitlines()[-1]))
+        result["swap"] = swap_report(output)
         if pressure:
             result["pressure"] = _pressure(sandbox, modeld)
         modeld.stop()

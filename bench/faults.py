@@ -212,31 +212,26 @@ async def drive(crash_rounds: int, levels: Sequence[int], rounds: int) -> dict[s
 def run(crash_rounds: int, levels: Sequence[int] = DEFAULT_LEVELS, rounds: int = 4) -> Any:
     """Boot a sandbox, deploy modeld with max(levels) models and one to crash; the driver's
     samples in ms."""
-    import tempfile
 
-    from sandbox import booted_sandbox
     from sandbox.deploy import deploy, reference_model
+    from sandboxed import bench_sandbox, run_driver
 
     count = max(levels)
     models = {model(i): reference_model(memory_max="128M") for i in range(count)}
     models[CRASH_MODEL] = reference_model()
-    with (
-        tempfile.TemporaryDirectory(prefix="modeld-bench-") as tmp,
-        booted_sandbox(dbus_policy_files=[REPO / "systemd" / "org.modeld1.conf"]) as sandbox,
-    ):
+    with bench_sandbox() as (sandbox, tmp):
         modeld = deploy(sandbox, Path(tmp), models, dropin=NO_START_LIMIT)
-        proc = sandbox.exec(
-            sys.executable,
-            str(Path(__file__).resolve()),
+        output = run_driver(
+            sandbox,
+            __file__,
             "--driver",
             f"--crash-rounds={crash_rounds}",
             f"--levels={','.join(str(n) for n in levels)}",
             f"--rounds={rounds}",
-            env={"PYTHONPATH": str(REPO / "service")},
             timeout=120 + crash_rounds * 5 + count * 5 + (len(levels) + 1) * rounds * 30,
         )
         modeld.stop()
-    driver = json.loads(proc.stdout.splitlines()[-1])
+    driver = output
 
     def ms(values: list[float]) -> list[float]:
         return [round(v * 1000, 3) for v in values]

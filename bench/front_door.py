@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
 import sys
 import time
@@ -240,31 +239,26 @@ async def drive(
 def run(rounds: int, stream_tokens: int, stream_rounds: int, clients: int) -> dict[str, Any]:
     """Boot a sandbox, deploy modeld with one ``parallel = 4`` model, run the driver
     inside; its result, with the latency samples and the stream rates."""
-    import tempfile
 
-    from sandbox import booted_sandbox
     from sandbox.deploy import deploy, reference_model
+    from sandboxed import bench_sandbox, run_driver
 
-    with (
-        tempfile.TemporaryDirectory(prefix="modeld-bench-") as tmp,
-        booted_sandbox(dbus_policy_files=[REPO / "systemd" / "org.modeld1.conf"]) as sandbox,
-    ):
+    with bench_sandbox() as (sandbox, tmp):
         model = reference_model(extra="parallel = 4\nmax_queue = 64\n")
         modeld = deploy(sandbox, Path(tmp), {MODEL: model})
         pid = sandbox.show("modeld.service", "MainPID")
-        proc = sandbox.exec(
-            sys.executable,
-            str(Path(__file__).resolve()),
+        output = run_driver(
+            sandbox,
+            __file__,
             f"--driver={pid}",
             f"--rounds={rounds}",
             f"--stream-tokens={stream_tokens}",
             f"--stream-rounds={stream_rounds}",
             f"--clients={clients}",
-            env={"PYTHONPATH": str(REPO / "service"), "PATH": os.environ.get("PATH", "")},
             timeout=600,
         )
         modeld.stop()
-    result: dict[str, Any] = json.loads(proc.stdout.splitlines()[-1])
+    result: dict[str, Any] = output
     return result
 
 

@@ -236,31 +236,26 @@ def report(driver: dict[str, Any], gguf: Path, tokens: int) -> dict[str, Any]:
 def run(rounds: int, load_rounds: int, tokens: int, *, preset: str = "large") -> dict[str, Any]:
     """Boot a sandbox, write the GGUF model of ``preset``, deploy modeld with it and run the
     driver inside; the result with its samples."""
-    import tempfile
 
     from ggufgen import write_model
-    from sandbox import booted_sandbox
     from sandbox.deploy import deploy, llama_model
+    from sandboxed import bench_sandbox, run_driver
 
-    with (
-        tempfile.TemporaryDirectory(prefix="modeld-bench-") as tmp,
-        booted_sandbox(dbus_policy_files=[REPO / "systemd" / "org.modeld1.conf"]) as sandbox,
-    ):
+    with bench_sandbox() as (sandbox, tmp):
         gguf = write_model(Path(tmp) / f"{preset}.gguf", preset=preset, seed=1)
         model = llama_model(gguf, memory_max="1G", **OPTIONS)
         modeld = deploy(sandbox, Path(tmp) / "config", {MODEL: model})
-        proc = sandbox.exec(
-            sys.executable,
-            str(Path(__file__).resolve()),
+        output = run_driver(
+            sandbox,
+            __file__,
             f"--driver={gguf}",
             f"--rounds={rounds}",
             f"--load-rounds={load_rounds}",
             f"--tokens={tokens}",
-            env={"PYTHONPATH": str(REPO / "service"), "PATH": os.environ.get("PATH", "")},
             timeout=1200,
         )
         modeld.stop()
-        result = report(json.loads(proc.stdout.splitlines()[-1]), gguf, tokens)
+        result = report(output, gguf, tokens)
     result["model"]["preset"] = preset
     return result
 

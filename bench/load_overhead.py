@@ -257,26 +257,21 @@ def run(
 
     ``rounds`` are always run; with ``max_rounds`` above it, rounds go on until a
     ``resolve_ms`` difference modeld - scope is resolved (or ``budget_s`` has passed)."""
-    import tempfile
 
-    from sandbox import booted_sandbox
     from sandbox.deploy import deploy, reference_model
+    from sandboxed import bench_sandbox, run_driver
 
     max_rounds = max(rounds, max_rounds or rounds)
-    with (
-        tempfile.TemporaryDirectory(prefix="modeld-bench-") as tmp,
-        booted_sandbox(dbus_policy_files=[REPO / "systemd" / "org.modeld1.conf"]) as sandbox,
-    ):
+    with bench_sandbox() as (sandbox, tmp):
         modeld = deploy(sandbox, Path(tmp), {MODEL: reference_model(memory_max="256M")})
-        proc = sandbox.exec(
-            sys.executable,
-            str(Path(__file__).resolve()),
+        output = run_driver(
+            sandbox,
+            __file__,
             "--driver",
             f"--rounds={rounds}",
             f"--max-rounds={max_rounds}",
             f"--resolve-ms={resolve_ms}",
             f"--budget={budget_s}",
-            env={"PYTHONPATH": str(REPO / "service")},
             timeout=60 + min(max_rounds * 10, budget_s * 2),
         )
         phase_log = [
@@ -285,7 +280,7 @@ def run(
             if ": loaded in " in line
         ]
         modeld.stop()
-    driver = json.loads(proc.stdout.splitlines()[-1])
+    driver = output
     result: dict[str, Any] = report(driver["times"])
     result["raw_phase_medians_ms"] = {k: round(v * 1000, 1) for k, v in driver["phases"].items()}
     internal = [float(line.split(" loaded in ")[1].split()[0]) for line in phase_log[1:]]

@@ -231,29 +231,24 @@ async def drive(rounds: int, delays: Sequence[float]) -> dict[str, dict[str, lis
 def run(rounds: int, delays: Sequence[float] = DEFAULT_DELAYS) -> dict[str, Any]:
     """Boot a sandbox, deploy modeld with one model per load delay, run the driver inside;
     the samples (ms) by delay and policy."""
-    import tempfile
 
-    from sandbox import booted_sandbox
     from sandbox.deploy import deploy, reference_model
+    from sandboxed import bench_sandbox, run_driver
 
     models = {model_name(d): reference_model(options=(f"load_delay={d}",)) for d in delays}
     per_round = sum(5 * d + 4 for d in delays)
-    with (
-        tempfile.TemporaryDirectory(prefix="modeld-bench-") as tmp,
-        booted_sandbox(dbus_policy_files=[REPO / "systemd" / "org.modeld1.conf"]) as sandbox,
-    ):
+    with bench_sandbox() as (sandbox, tmp):
         modeld = deploy(sandbox, Path(tmp), models)
-        proc = sandbox.exec(
-            sys.executable,
-            str(Path(__file__).resolve()),
+        output = run_driver(
+            sandbox,
+            __file__,
             "--driver",
             f"--rounds={rounds}",
             f"--delays={','.join(str(d) for d in delays)}",
-            env={"PYTHONPATH": str(REPO / "service")},
             timeout=120 + (rounds + 1) * per_round * 3,
         )
         modeld.stop()
-    times = json.loads(proc.stdout.splitlines()[-1])
+    times = output
     return {
         "rounds": rounds,
         "delays_s": list(delays),
