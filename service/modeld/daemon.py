@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, ClassVar
 import psutil
 
 from modeld import __version__
+from modeld.coalesce import Coalescer
 from modeld.config import Config, ConfigError, Layout, load_config, system_layout, user_layout
 from modeld.errors import InvalidConfig, ModeldError
 from modeld.metrics import Metrics
@@ -36,6 +37,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("modeld")
 
 EXIT_CONFIG = 78
+STATUS_USE_DELAY = 1.0
+"""Seconds a STATUS= change from a model's use alone (ready <-> busy) may wait to be sent:
+systemd hears of a burst of requests once, not twice per request."""
 RESTART_JOBS = frozenset({"restart", "try-restart", "reload-or-restart"})
 
 
@@ -118,6 +122,7 @@ class Daemon:
         self._supervisor: Supervisor | None = None
         self._service: BusService | None = None
         self._metrics = Metrics(memory_budget=config.daemon.memory_budget)
+        self._status = Coalescer(self._send_status, STATUS_USE_DELAY)
 
     def _spawn(self, coro: object, name: str) -> None:
         task = asyncio.ensure_future(coro)  # type: ignore[call-overload]
@@ -226,6 +231,7 @@ class Daemon:
             self._stopping = True
 
         restarting = await systemd.own_job_type() in RESTART_JOBS
+        self._status.cancel()
         self._notifier.stopping()
         await http.stop()
         if restarting:
@@ -286,7 +292,14 @@ class Daemon:
         self._metrics.on_status_changed(change)
         if self._service is not None:
             self._service.on_status_changed(change)
-        if change.state_changed and self._supervisor is not None:
+        if change.state_changed:
+            if change.use_only:
+                self._status.soon()
+            else:
+                self._status.now()
+
+    def _send_status(self) -> None:
+        if self._supervisor is not None:
             self._notifier.status(self._supervisor.status_line())
 
     def on_loaded(self, model: str) -> None:

@@ -204,3 +204,155 @@ def test_a_caching_client_follows_every_change_of_every_emitting_property(
         raise AssertionError("reloaded over the bus")
 
     asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
+class SignalLog:
+    """Every signal modeld sends, in the order it arrives."""
+
+    def __init__(self, bus: MessageBus) -> None:
+        self.signals: list[tuple[str, str, Any]] = []
+        self._arrived = asyncio.Event()
+        self._bus = bus
+
+    async def start(self, sender: str) -> None:
+        self._bus.add_message_handler(self._on_message)
+        await call(
+            self._bus,
+            "org.freedesktop.DBus",
+            "/org/freedesktop/DBus",
+            "org.freedesktop.DBus",
+            "AddMatch",
+            "s",
+            [f"type='signal',sender='{sender}'"],
+        )
+
+    def _on_message(self, msg: Message) -> None:
+        if msg.message_type is MessageType.SIGNAL and msg.path != "/org/freedesktop/DBus":
+            self.signals.append((msg.path or "", msg.member or "", msg.body))
+            self._arrived.set()
+
+    async def until(self, count: int) -> None:
+        """Wait until ``count`` signals have arrived in all."""
+        while len(self.signals) < count:
+            self._arrived.clear()
+            await asyncio.wait_for(self._arrived.wait(), 10)
+
+    def changed(self, start: int) -> list[dict[str, Any]]:
+        """The properties of demo's PropertiesChanged signals from ``start`` on."""
+        return [
+            {name: variant.value for name, variant in body[1].items()}
+            for path, member, body in self.signals[start:]
+            if path == DEMO and member == "PropertiesChanged"
+        ]
+
+
+def test_use_changes_are_held_back_coalesced_and_never_overtaken(bus_address: str) -> None:
+    """Requests starting and ending change a model's use (InFlight, LastUsed, ready <->
+    busy): those changes wait a little and go out together, as the values then; anything
+    else modeld sends (a reply, another signal, a lifecycle change) sends them first."""
+    supervisor = Supervisor()
+    supervisor.statuses["demo"] = ModelStatus(state=ModelState.READY, unit="demo.scope")
+
+    async def scenario() -> None:
+        service_bus = await ModeldMessageBus(bus_address=bus_address).connect()
+        client_bus = await MessageBus(bus_address=bus_address).connect()
+        try:
+            # Long enough that nothing here goes out by the timer.
+            service = BusService(
+                service_bus,
+                supervisor,  # type: ignore[arg-type]
+                reload,
+                authorizer=Root(),
+                use_publish_delay=3600,
+            )
+            service.sync_models()
+            client = CachingClient(client_bus, service_bus.unique_name)
+            log = SignalLog(client_bus)
+            await log.start(service_bus.unique_name)
+            await client.watch(DEMO, MODEL_INTERFACE)
+            await client.watch(MANAGER_PATH, MANAGER_INTERFACE)
+
+            def change(**fields: Any) -> None:
+                before = supervisor.statuses["demo"]
+                after = dataclasses.replace(before, **fields)
+                supervisor.statuses["demo"] = after
+                service.on_status_changed(StatusChange("demo", before, after))
+
+            # Held until the next message: a request starts and ends, another starts.
+            start = len(log.signals)
+            change(state=ModelState.BUSY, in_flight=1, last_used_us=5)
+            change(state=ModelState.READY, in_flight=0, last_used_us=6)
+            change(state=ModelState.BUSY, in_flight=1, last_used_us=7)
+            await client.check("a request running")  # GetAll's reply follows the signal
+            assert log.changed(start) == [{"State": "busy", "InFlight": 1, "LastUsed": 7}]
+
+            # A blip that comes back is not sent; what did change is.
+            start = len(log.signals)
+            change(state=ModelState.READY, in_flight=0, last_used_us=8)
+            change(state=ModelState.BUSY, in_flight=1, last_used_us=9)
+            await client.check("another request")
+            assert log.changed(start) == [{"LastUsed": 9}]
+
+            # Another signal sends what is held first.
+            start = len(log.signals)
+            change(state=ModelState.READY, in_flight=0, last_used_us=10)
+            service.on_loaded("other")
+            await log.until(start + 2)
+            assert [member for _, member, _ in log.signals[start:]] == [
+                "PropertiesChanged",
+                "ModelLoaded",
+            ]
+
+            # A lifecycle change goes out at once, with what was held.
+            start = len(log.signals)
+            change(state=ModelState.BUSY, in_flight=1, last_used_us=11)
+            change(last_error="it broke")
+            await log.until(start + 1)
+            assert log.changed(start) == [
+                {"State": "busy", "InFlight": 1, "LastUsed": 11, "LastError": "it broke"}
+            ]
+
+        finally:
+            for bus in (client_bus, service_bus):
+                bus.disconnect()
+                await bus.wait_for_disconnect()
+                bus._sock.close()
+
+    async def reload() -> None:
+        raise AssertionError("reloaded over the bus")
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
+def test_a_use_change_goes_out_by_itself_when_nothing_else_is_sent(bus_address: str) -> None:
+    supervisor = Supervisor()
+    supervisor.statuses["demo"] = ModelStatus(state=ModelState.READY, unit="demo.scope")
+
+    async def scenario() -> None:
+        service_bus = await ModeldMessageBus(bus_address=bus_address).connect()
+        client_bus = await MessageBus(bus_address=bus_address).connect()
+        try:
+            service = BusService(service_bus, supervisor, reload, authorizer=Root())  # type: ignore[arg-type]
+            service.sync_models()
+            client = CachingClient(client_bus, service_bus.unique_name)
+            log = SignalLog(client_bus)
+            await log.start(service_bus.unique_name)
+            await client.watch(DEMO, MODEL_INTERFACE)
+            start = len(log.signals)
+            before = supervisor.statuses["demo"]
+            after = dataclasses.replace(before, state=ModelState.BUSY, in_flight=1)
+            supervisor.statuses["demo"] = after
+            service.on_status_changed(StatusChange("demo", before, after))
+            await log.until(start + 1)  # nothing else was sent: the timer sent it
+            assert log.changed(start) == [{"State": "busy", "InFlight": 1}]
+            await client.check("after the delay")
+        finally:
+            for bus in (client_bus, service_bus):
+                bus.disconnect()
+                await bus.wait_for_disconnect()
+                bus._sock.close()
+
+    async def reload() -> None:
+        raise AssertionError("reloaded over the bus")
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Callable
 from typing import Any
 
 from dbus_next import introspection
@@ -56,6 +57,8 @@ class ModeldMessageBus(MessageBus):
         super().__init__(*args, **kwargs)
         self._close_after_send: set[int] = set()
         self._method_tasks: set[asyncio.Future[Any]] = set()
+        self._first: Callable[[], None] | None = None
+        self._sending_first = False
 
     def _make_method_handler(self, interface: ServiceInterface, method: Any) -> Any:
         """Coroutine methods: keep a strong reference and reply to errors without a traceback.
@@ -91,7 +94,18 @@ class ModeldMessageBus(MessageBus):
         """Close our copy of ``fd`` once the message carrying it has been written."""
         self._close_after_send.add(fd)
 
+    def before_send(self, first: Callable[[], None]) -> None:
+        """Call ``first`` before sending any message (but those it sends itself), so that
+        what it sends is never overtaken by a message made after it was due."""
+        self._first = first
+
     def send(self, msg: Message) -> Any:
+        if self._first is not None and not self._sending_first:
+            self._sending_first = True
+            try:
+                self._first()
+            finally:
+                self._sending_first = False
         future = self._write_now(msg)
         to_close = [fd for fd in msg.unix_fds or () if fd in self._close_after_send]
         if to_close:

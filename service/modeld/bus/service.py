@@ -42,6 +42,7 @@ from modeld.bus.signatures import (
     UINT32,
     UINT64,
 )
+from modeld.coalesce import Coalescer
 from modeld.config import ModelConfig
 from modeld.errors import AccessDenied, InvalidArgs, ModeldError, NoSuchModel, PinnedModel
 from modeld.naming import (
@@ -56,6 +57,8 @@ from modeld.supervisor.status import ModelStatus, StatusChange
 
 log = logging.getLogger(__name__)
 
+USE_PUBLISH_DELAY = 0.05
+"""Seconds a change of a model's use alone may wait to be sent (see :class:`BusService`)."""
 
 _F = TypeVar("_F", bound=Callable[..., Coroutine[Any, Any, Any]])
 _T = TypeVar("_T")
@@ -404,9 +407,17 @@ class BusService:
     """Exports the API through the gate, applies property writes, mirrors owner events.
 
     Every property :data:`api.CHANGES <modeld.bus.api.CHANGES>` says emits is sent in
-    ``PropertiesChanged`` when it changes: a model's status fields when its owner publishes
-    a change, the manager's figures and the models' configured ones (compared with what was
-    last sent) after a status change, a write and a reload (:meth:`sync_models`).
+    ``PropertiesChanged`` when it changes (compared with what was last sent): a model's
+    status fields when its owner publishes a change, the manager's figures and the models'
+    configured ones after a status change, a write and a reload (:meth:`sync_models`).
+
+    A change of a model's use alone (:attr:`StatusChange.use_only`, which every request
+    makes twice) is held back for up to ``use_publish_delay`` seconds and sent with the others
+    of that span, as the values then (a value that changed and changed back is not sent).
+    Every other change, and every other message modeld sends on the bus (a method's reply,
+    a signal, a call), first sends what is held back: nothing modeld sends overtakes a
+    change made before it, so a client that asks after a request has ended already has its
+    ``PropertiesChanged``.
     """
 
     def __init__(
@@ -416,6 +427,7 @@ class BusService:
         reload: Callable[[], Awaitable[None]],
         *,
         authorizer: Authorizer | None = None,
+        use_publish_delay: float = USE_PUBLISH_DELAY,
     ) -> None:
         self._supervisor = supervisor
         self._gate = Gate(
@@ -428,20 +440,27 @@ class BusService:
         self._models: dict[str, ModelInterface] = {}
         self._sent_manager = _read(_MANAGER_PROPERTIES, supervisor)
         self._sent_configs: dict[str, dict[str, object]] = {}
+        self._sent_statuses: dict[str, dict[str, object]] = {}
+        self._unsent: dict[str, ModelStatus] = {}
+        self._held = Coalescer(self._send_held, use_publish_delay)
+        bus.before_send(self._held_first)
         self._gate.export(MANAGER_PATH, self.manager)
 
     def sync_models(self) -> None:
         """Export an object per configured model, drop those of removed models, and send
         what the configuration changed (call after every reload)."""
-        names = {o.name for o in self._supervisor.owners()}
+        owners = {o.name: o for o in self._supervisor.owners()}
         for name in list(self._models):
-            if name not in names:
+            if name not in owners:
                 self._gate.unexport(model_object_path(name), self._models.pop(name))
                 self._sent_configs.pop(name, None)
-        for name in sorted(names - set(self._models)):
+                self._sent_statuses.pop(name, None)
+                self._unsent.pop(name, None)
+        for name in sorted(owners.keys() - self._models.keys()):
             interface = ModelInterface(name, self._requests)
             self._models[name] = interface
             self._sent_configs[name] = _read(_CONFIG_PROPERTIES, interface.model_config())
+            self._sent_statuses[name] = _read(_STATUS_PROPERTIES, owners[name].status)
             self._gate.export(model_object_path(name), interface)
         for name, interface in self._models.items():
             now = _read(_CONFIG_PROPERTIES, interface.model_config())
@@ -472,12 +491,26 @@ class BusService:
     # -------------------------------------------------------- OwnerObserver interface
 
     def on_status_changed(self, change: StatusChange) -> None:
-        interface = self._models.get(change.model)
-        if interface is not None:
-            before = _read(_STATUS_PROPERTIES, change.before)
-            changed = _changed(before, _read(_STATUS_PROPERTIES, change.after))
+        if change.model not in self._models:
+            return
+        self._unsent[change.model] = change.after
+        if change.use_only:
+            self._held.soon()
+        else:
+            self._held.now()
+
+    def _held_first(self) -> None:
+        if self._held.pending:
+            self._held.now()
+
+    def _send_held(self) -> None:
+        unsent, self._unsent = self._unsent, {}
+        for name, status in unsent.items():
+            now = _read(_STATUS_PROPERTIES, status)
+            changed = _changed(self._sent_statuses[name], now)
+            self._sent_statuses[name] = now
             if changed:
-                interface.emit_properties_changed(changed)
+                self._models[name].emit_properties_changed(changed)
         self._send_manager_changes()
 
     def on_loaded(self, model: str) -> None:

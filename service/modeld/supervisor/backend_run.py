@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import signal
 import socket
@@ -149,6 +150,8 @@ class BackendRun:
     """The peak memory of its scope, read by :meth:`stop` before the scope goes (0: unknown)."""
     gpu_memory_seen: int = 0
     """The most GPU memory NVML attributed to it."""
+    memory_sampled_at: float = -math.inf
+    """When :meth:`sample_memory` last read the cgroup (monotonic seconds)."""
 
     @property
     def address(self) -> str:
@@ -333,9 +336,12 @@ class BackendRun:
         self.memory_seen = max(self.memory_seen, memory or 0)
         return cpu_ticks(pids), memory or 0
 
-    def sample_memory(self, cgroups: CgroupLayout) -> None:
-        """Note the cgroup's memory use now (for :attr:`memory_seen`)."""
-        if self.control_group:
+    def sample_memory(self, cgroups: CgroupLayout, *, unless_within: float = 0.0) -> None:
+        """Note the cgroup's memory use now (for :attr:`memory_seen`), unless it was read
+        less than ``unless_within`` seconds ago."""
+        now = time.monotonic()
+        if self.control_group and now - self.memory_sampled_at >= unless_within:
+            self.memory_sampled_at = now
             current = cgroups.memory_current(self.control_group) or 0
             self.memory_seen = max(self.memory_seen, current)
 

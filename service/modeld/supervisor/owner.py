@@ -69,6 +69,9 @@ class OwnerObserver(Protocol):
 
 
 _PER_REQUEST = {ModelState.READY, ModelState.BUSY}
+USE_SAMPLE_INTERVAL = 1.0
+"""Seconds between memory samples taken as requests start and end (the fallback peak on
+kernels that keep none; a sample per request would cost more than the request's routing)."""
 """Ready <-> busy follows every request: logged at debug level, not once per request."""
 RESTART_BACKOFF_MAX = 60.0
 HEALTHY_RUN = 60.0
@@ -860,7 +863,7 @@ class ModelOwner:
         in_flight = len(self._requests) + len(self._leases)
         state = self.status.state
         if self._backend is not None and state.serving:
-            self._backend.sample_memory(self._context.cgroups)
+            self._backend.sample_memory(self._context.cgroups, unless_within=USE_SAMPLE_INTERVAL)
         use = {"in_flight": in_flight, "last_used_us": _now_us()}
         if state is ModelState.READY and in_flight > 0:
             self._set_state(ModelState.BUSY, **use)

@@ -8,7 +8,7 @@ accessors, so renaming a field breaks the type check instead of silently droppin
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from modeld.core.states import ModelState
 from modeld.units import UINT64_MAX
@@ -49,3 +49,19 @@ class StatusChange:
     @property
     def state_changed(self) -> bool:
         return self.before.state is not self.after.state
+
+    @property
+    def use_only(self) -> bool:
+        """Whether only the model's use changed: requests and leases starting and ending
+        (``in_flight``, ``last_used_us``, ready <-> busy). Such changes come with every
+        request, so publishers may coalesce them."""
+        before, after = self.before, self.after
+        if not (before.state.serving and after.state.serving):
+            return False
+        same_otherwise = replace(
+            after,
+            state=before.state,
+            in_flight=before.in_flight,
+            last_used_us=before.last_used_us,
+        )
+        return same_otherwise == before
