@@ -6,12 +6,15 @@ as the driver, which measures, in the same run:
 
 - **latency** of a short non-streamed completion (4 tokens): modeld's ``POST
   /v1/completions`` (a minimal keep-alive HTTP/1.1 client on the unix socket) against the
-  same ``Predict`` sent straight to the backend's socket, interleaved; p50 and p99 of each
-  and of the paired differences;
+  same ``Predict`` sent straight to the backend's socket, interleaved, by grpcio (what an
+  application calling the backend directly would use) and by modeld's own HTTP/2 client
+  (what modeld itself uses: the difference is then the HTTP side and the routing); p50 and
+  p99 of each and of the paired differences;
 - **modeld's CPU time per request**: the on-CPU time of all modeld's threads
   (``/proc/<pid>/task/*/schedstat``) over a block of requests, minus its idle rate;
 - **streamed tokens per second**: a long ``stream: true`` completion through modeld against
-  ``PredictStream`` on the backend, interleaved; and modeld's CPU time per streamed token;
+  ``PredictStream`` on the backend (by grpcio and by modeld's client), interleaved; and
+  modeld's CPU time per streamed token;
 - **64 concurrent clients** on the ``parallel = 4`` model, each sending requests on its own
   connection: statuses and throughput.
 
@@ -108,6 +111,7 @@ async def drive(
     import grpc.aio
 
     from modeld.rpc import backend_pb2, backend_pb2_grpc
+    from modeld.rpc.client import BackendClient
 
     short = json.dumps(
         {"model": MODEL, "prompt": PROMPT, "max_tokens": SHORT_TOKENS, "temperature": 0}
@@ -117,6 +121,7 @@ async def drive(
     assert status == 200, status
     channel = grpc.aio.insecure_channel(BACKEND)
     stub = backend_pb2_grpc.BackendStub(channel)
+    lean = BackendClient(BACKEND)
     options = backend_pb2.PredictOptions(
         Prompt=PROMPT, Tokens=SHORT_TOKENS, Temperature=0, TopP=1.0
     )
@@ -129,18 +134,26 @@ async def drive(
         reply = await stub.Predict(options)
         assert reply.tokens == SHORT_TOKENS
 
+    async def direct_lean() -> None:
+        reply = await lean.predict(options)
+        assert reply.tokens == SHORT_TOKENS
+
     async def timed(call: Callable[[], Awaitable[None]]) -> float:
         start = time.perf_counter()
         await call()
         return time.perf_counter() - start
 
+    calls: list[tuple[str, Callable[[], Awaitable[None]]]] = [
+        ("modeld", via_modeld),
+        ("direct", direct),
+        ("direct_lean", direct_lean),
+    ]
     for _ in range(50):
-        await via_modeld()
-        await direct()
-    latency: dict[str, list[float]] = {"modeld": [], "direct": []}
+        for _kind, call in calls:
+            await call()
+    latency: dict[str, list[float]] = {kind: [] for kind, _ in calls}
     for i in range(rounds):
-        pair = [("modeld", via_modeld), ("direct", direct)]
-        for kind, call in pair if i % 2 else pair[::-1]:
+        for kind, call in calls[i % 3 :] + calls[: i % 3]:
             latency[kind].append(await timed(call))
 
     idle_start, idle_cpu = time.perf_counter(), cpu_ns(pid)
@@ -164,15 +177,23 @@ async def drive(
     async def stream_direct() -> int:
         return sum([1 async for _ in stub.PredictStream(stream_options)])
 
-    rates: dict[str, list[float]] = {"modeld": [], "direct": []}
+    async def stream_direct_lean() -> int:
+        stream = await lean.predict_stream(stream_options)
+        count = 0
+        while replies := await stream.read_batch():
+            count += len(replies)
+        return count
+
+    streams: list[tuple[str, Callable[[], Awaitable[int]]]] = [
+        ("modeld", lambda: stream_tokens(long)),
+        ("direct", stream_direct),
+        ("direct_lean", stream_direct_lean),
+    ]
+    rates: dict[str, list[float]] = {kind: [] for kind, _ in streams}
     stream_cpu_ms = 0.0
     streamed = 0
     for i in range(stream_rounds):
-        pair: list[tuple[str, Callable[[], Awaitable[int]]]] = [
-            ("modeld", lambda: stream_tokens(long)),
-            ("direct", stream_direct),
-        ]
-        for kind, call in pair if i % 2 else pair[::-1]:
+        for kind, call in streams[i % 3 :] + streams[: i % 3]:
             start, cpu = time.perf_counter(), cpu_ns(pid)
             tokens = await call()
             elapsed = time.perf_counter() - start
@@ -197,11 +218,13 @@ async def drive(
     concurrent_elapsed = time.perf_counter() - start
     http.close()
     await channel.close()
+    await lean.close()
 
     def ms(value: float) -> float:
         return round(value * 1000, 3)
 
     diffs = [m - d for m, d in zip(latency["modeld"], latency["direct"], strict=True)]
+    lean_diffs = [m - d for m, d in zip(latency["modeld"], latency["direct_lean"], strict=True)]
     return {
         "rounds": rounds,
         "short_completion": {
@@ -210,6 +233,7 @@ async def drive(
         },
         "overhead_paired_p50_ms": ms(statistics.median(diffs)),
         "overhead_paired_p99_ms": ms(percentile(diffs, 0.99)),
+        "overhead_over_lean_paired_p50_ms": ms(statistics.median(lean_diffs)),
         "overhead_p99_minus_p99_ms": ms(
             percentile(latency["modeld"], 0.99) - percentile(latency["direct"], 0.99)
         ),
@@ -220,6 +244,9 @@ async def drive(
         "stream_tokens_per_s": {k: round(statistics.median(v)) for k, v in rates.items()},
         "stream_rate_ratio": round(
             statistics.median(rates["modeld"]) / statistics.median(rates["direct"]), 3
+        ),
+        "stream_rate_ratio_lean": round(
+            statistics.median(rates["modeld"]) / statistics.median(rates["direct_lean"]), 3
         ),
         "modeld_cpu_per_streamed_token_ms": round(stream_cpu_ms / streamed, 4),
         "concurrent": {
@@ -276,8 +303,17 @@ def figures(result: dict[str, Any]) -> list[dict[str, Any]]:
             "ms",
             latency["modeld"],
             baseline=latency["direct"],
-            baseline_name="the same Predict by gRPC straight to the backend",
+            baseline_name="the same Predict by gRPC (grpcio) straight to the backend",
             target_text="overhead p50 <= 0.5 ms",
+        ),
+        figure(
+            "front_door",
+            f"{SHORT_TOKENS}-token completion, POST /v1/completions (against modeld's own client)",
+            "ms",
+            latency["modeld"],
+            baseline=latency["direct_lean"],
+            baseline_name="the same Predict by modeld's HTTP/2 client straight to the backend",
+            target_text="(what the HTTP side and the routing cost)",
         ),
         figure(
             "front_door",
@@ -285,8 +321,20 @@ def figures(result: dict[str, Any]) -> list[dict[str, Any]]:
             "tokens/s",
             rates["modeld"],
             baseline=rates["direct"],
-            baseline_name="PredictStream by gRPC straight to the backend",
+            baseline_name="PredictStream by gRPC (grpcio) straight to the backend",
             target_text="ratio >= 0.95",
+            lower_is_better=False,
+            digits=1,
+        ),
+        figure(
+            "front_door",
+            f"streamed tokens per second ({result['stream_tokens']} tokens, against modeld's"
+            " own client)",
+            "tokens/s",
+            rates["modeld"],
+            baseline=rates["direct_lean"],
+            baseline_name="PredictStream by modeld's HTTP/2 client straight to the backend",
+            target_text="(what the HTTP side costs)",
             lower_is_better=False,
             digits=1,
         ),

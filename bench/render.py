@@ -62,8 +62,11 @@ SECTIONS = {
     ),
     "front_door": (
         "Front door",
-        "OpenAI-compatible HTTP on `api.sock` against the same calls by gRPC straight to the "
-        "backend, interleaved (`bench/front_door.py`).",
+        "OpenAI-compatible HTTP on `api.sock` against the same calls straight to the "
+        "backend's socket, interleaved: by grpcio (what an application calling the backend "
+        "directly would use) and by modeld's own HTTP/2 gRPC client (`modeld.rpc.http2`, what "
+        "modeld itself calls backends with), so the second comparison is what HTTP and the "
+        "routing cost (`bench/front_door.py`).",
     ),
     "faults": (
         "Faults",

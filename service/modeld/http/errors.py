@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import grpc.aio
 from aiohttp import web
 
 from modeld.errors import (
@@ -24,6 +23,7 @@ from modeld.errors import (
     SystemdError,
 )
 from modeld.naming import shown
+from modeld.rpc.http2 import RpcFailed
 
 RETRY_AFTER_BUSY = 5
 """Seconds to wait after a load that found the models in its way busy, or a request that
@@ -137,9 +137,9 @@ def from_modeld_error(err: ModeldError) -> ApiError:
     return ApiError(500, err.message)
 
 
-def from_rpc_error(err: grpc.aio.AioRpcError) -> ApiError:
+def from_rpc_error(err: RpcFailed) -> ApiError:
     """The answer to a backend call that failed."""
-    return ApiError(502, f"backend error: {err.details() or err.code().name}", code="backend_error")
+    return ApiError(502, f"backend error: {err.details or err.code.name}", code="backend_error")
 
 
 def backend_nonsense(what: str) -> ApiError:

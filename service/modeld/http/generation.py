@@ -17,7 +17,7 @@ import math
 import time
 from collections.abc import AsyncIterator
 
-import grpc.aio
+import grpc
 from aiohttp import web
 
 from modeld.errors import ModeldError, NoSuchModel
@@ -36,7 +36,8 @@ from modeld.http.openai_requests import Embeddings, Generation
 from modeld.http.openai_responses import ResponseFormat, embeddings_body, finish_reason
 from modeld.http.sse import EventStream, await_with_comments
 from modeld.rpc import backend_pb2
-from modeld.rpc.client import BackendClient
+from modeld.rpc.client import BackendClient, BackendGone, ReplyStream
+from modeld.rpc.http2 import RpcFailed
 from modeld.supervisor.registry import Supervisor, Ticket
 
 log = logging.getLogger(__name__)
@@ -70,14 +71,10 @@ class Gateway:
                 yield ticket
         except ModeldError as err:
             raise from_modeld_error(err) from None
-        except grpc.aio.AioRpcError as err:
+        except RpcFailed as err:
             raise from_rpc_error(err) from None
-        except grpc.aio.UsageError:
+        except BackendGone:
             raise backend_gone(model) from None
-        except asyncio.CancelledError:
-            if _being_cancelled():
-                raise
-            raise backend_gone(model) from None  # its channel was closed under the call
 
     async def client(self, ticket: Ticket, model: str) -> BackendClient:
         """The backend's client once the model is loaded and a slot is ours."""
@@ -98,7 +95,7 @@ class Gateway:
         """A non-streamed completion or chat answer."""
         async with self.serving(exchange, request.model) as ticket:
             client = await self.client(ticket, request.model)
-            reply = await client.stub.Predict(request.options)
+            reply = await client.predict(request.options)
         tokens = reply.tokens
         text = reply.message.decode("utf-8", errors="replace")
         finish = finish_reason(tokens, request.max_tokens)
@@ -128,11 +125,11 @@ class Gateway:
     ) -> None:
         try:
             async with self.serving(exchange, request.model) as ticket:
-                call, first = await self._first_reply(exchange, ticket, request, events)
+                stream, first = await self._first_replies(exchange, ticket, request, events)
                 try:
-                    await self._relay(exchange, call, first, request, answer, events)
+                    await self._relay(exchange, stream, first, request, answer, events)
                 finally:
-                    call.cancel()
+                    stream.cancel()
         except ConnectionError:
             exchange.status = CLIENT_CLOSED
         except Exception as err:
@@ -145,21 +142,21 @@ class Gateway:
             with contextlib.suppress(ConnectionError):
                 await events.fail(err)
 
-    async def _first_reply(
+    async def _first_replies(
         self, exchange: Exchange, ticket: Ticket, request: Generation, events: EventStream
-    ) -> tuple[grpc.aio.UnaryStreamCall, object]:
+    ) -> tuple[ReplyStream, list[backend_pb2.Reply]]:
         model = request.model
         loading = True
 
-        async def start() -> tuple[grpc.aio.UnaryStreamCall, object]:
+        async def start() -> tuple[ReplyStream, list[backend_pb2.Reply]]:
             nonlocal loading
             client = await ticket.client()
             loading = False
-            call = client.stub.PredictStream(request.options)
+            stream = await client.predict_stream(request.options)
             try:
-                return call, await call.read()
+                return stream, await stream.read_batch()
             except BaseException:
-                call.cancel()
+                stream.cancel()
                 raise
 
         def comment() -> str:
@@ -183,8 +180,8 @@ class Gateway:
     async def _relay(
         self,
         exchange: Exchange,
-        call: grpc.aio.UnaryStreamCall,
-        reply: object,
+        stream: ReplyStream,
+        replies: list[backend_pb2.Reply],
         request: Generation,
         answer: ResponseFormat,
         events: EventStream,
@@ -195,16 +192,17 @@ class Gateway:
         opening = answer.opening()
         if opening is not None:
             await events.event(opening)
-        while isinstance(reply, backend_pb2.Reply):
-            if waiting_for_first and reply.message:
-                waiting_for_first = False
-                self.metrics.first_token(exchange.model, exchange.route, exchange.elapsed())
-            prompt_tokens = reply.prompt_tokens or prompt_tokens
-            tokens += reply.tokens or (1 if reply.message else 0)
-            text = decoder.decode(reply.message)
-            if text:
-                await events.event(answer.piece(text))
-            reply = await call.read()
+        while replies:
+            for reply in replies:
+                if waiting_for_first and reply.message:
+                    waiting_for_first = False
+                    self.metrics.first_token(exchange.model, exchange.route, exchange.elapsed())
+                prompt_tokens = reply.prompt_tokens or prompt_tokens
+                tokens += reply.tokens or (1 if reply.message else 0)
+                text = decoder.decode(reply.message)
+                if text:
+                    await events.event(answer.piece(text))
+            replies = await stream.read_batch()
         rest = decoder.decode(b"", final=True)
         if rest:
             await events.event(answer.piece(rest))
@@ -223,7 +221,7 @@ class Gateway:
         async with self.serving(exchange, request.model) as ticket:
             client = await self.client(ticket, request.model)
             for text in request.inputs:
-                result = await client.stub.Embedding(backend_pb2.PredictOptions(Embeddings=text))
+                result = await client.embedding(backend_pb2.PredictOptions(Embeddings=text))
                 if not all(math.isfinite(value) for value in result.embeddings):
                     raise backend_nonsense("an embedding that is not finite (NaN or infinity)")
                 vectors.append(result.embeddings)
@@ -233,19 +231,12 @@ class Gateway:
         )
 
 
-def _being_cancelled() -> bool:
-    """Whether the current task was asked to stop (rather than a gRPC call cancelled
-    because the owner closed the channel of a backend that went away)."""
-    task = asyncio.current_task()
-    return task is None or task.cancelling() > 0
-
-
 async def _count_tokens(client: BackendClient, text: str) -> int:
     """Tokens in ``text`` by the backend's tokenizer (0 if it has none)."""
     try:
-        result = await client.stub.TokenizeString(backend_pb2.PredictOptions(Prompt=text))
-    except grpc.aio.AioRpcError as err:
-        if err.code() is grpc.StatusCode.UNIMPLEMENTED:
+        result = await client.tokenize(backend_pb2.PredictOptions(Prompt=text))
+    except RpcFailed as err:
+        if err.code is grpc.StatusCode.UNIMPLEMENTED:
             return 0
         raise
     return max(0, int(result.length))
