@@ -440,10 +440,11 @@ class Http2Connection(asyncio.Protocol):
         if stream_id != 0 or len(payload) < 8:
             raise ProtocolViolation(w.PROTOCOL_ERROR, "malformed GOAWAY")
         last, error_code = w.GOAWAY_HEAD.unpack_from(payload)
+        last &= 0x7FFFFFFF
         self._goaway = True
         debug = payload[8:].decode(errors="replace")
         why = f"the backend is going away (GOAWAY code {error_code}{' ' if debug else ''}{debug})"
-        for stream in [s for s in self._streams.values() if s.id > last & 0x7FFFFFFF]:
+        for stream in [s for s in self._streams.values() if s.id > last]:
             self._finish(stream, RpcFailed(_UNAVAILABLE, why))
         if not self._streams:
             self._close_transport(w.goaway(w.NO_ERROR))
