@@ -408,7 +408,15 @@ def test_an_incomplete_large_message_is_credited_as_it_arrives(tmp_path: Path) -
     run(tmp_path, scenario)
 
 
-def test_request_is_split_by_the_peer_window_and_frame_size(tmp_path: Path) -> None:
+async def data_until(peer: Peer, stream_id: int, total: int) -> list[int]:
+    """Sizes of the client's DATA frames on the stream until ``total`` bytes came."""
+    sizes: list[int] = []
+    while sum(sizes) < total:
+        sizes.append(len((await peer.next(w.DATA, stream_id)).payload))
+    return sizes
+
+
+def test_request_is_split_by_the_peer_windows_and_frame_size(tmp_path: Path) -> None:
     async def scenario(server: FakeServer, channel: Http2Channel) -> None:
         small_window = w.SETTING.pack(w.SETTINGS_INITIAL_WINDOW_SIZE, 20_000)
         first = asyncio.ensure_future(channel.unary("/m", b""))
@@ -416,20 +424,44 @@ def test_request_is_split_by_the_peer_window_and_frame_size(tmp_path: Path) -> N
         sid, _, _ = await peer.request()
         peer.send(peer.response_headers(sid), peer.data(sid, b""), peer.trailers(sid))
         await first  # the client has applied the server's SETTINGS
-        call = asyncio.ensure_future(channel.server_stream(PATH, b"q" * 50_000))
+        call = asyncio.ensure_future(channel.server_stream(PATH, b"q" * 100_000))
         sid = (await peer.next(w.HEADERS)).stream_id
-        sizes = []
-        while sum(sizes) < 20_000:
-            sizes.append(len((await peer.next(w.DATA, sid)).payload))
-        assert sizes == [w.DEFAULT_MAX_FRAME, 20_000 - w.DEFAULT_MAX_FRAME]
-        assert [f.kind for f in await peer.barrier()] == [], "blocked until WINDOW_UPDATE"
-        peer.send(w.window_update(sid, 40_000), w.window_update(0, 40_000))
-        rest = []
-        while not rest or not rest[-1].flags & w.FLAG_END_STREAM:
-            rest.append(await peer.next(w.DATA, sid))
-        assert sum(len(f.payload) for f in rest) == 50_005 - 20_000
+        assert await data_until(peer, sid, 20_000) == [w.DEFAULT_MAX_FRAME, 3_616]
+        assert [f.kind for f in await peer.barrier()] == [], "blocked until more window"
+        larger = w.SETTING.pack(w.SETTINGS_INITIAL_WINDOW_SIZE, 30_000)
+        peer.send(w.frame(w.SETTINGS, 0, 0, larger))
+        assert await data_until(peer, sid, 10_000) == [10_000], "open streams get the change"
+        peer.send(w.window_update(sid, 80_000))
+        connection_left = w.DEFAULT_WINDOW - 5 - 30_000
+        assert await data_until(peer, sid, connection_left) == [16_384, 16_384, 2_762]
+        assert [f.kind for f in await peer.barrier()] == [], "the connection window is spent"
+        peer.send(w.window_update(0, 40_000))
+        rest = await data_until(peer, sid, 100_005 - w.DEFAULT_WINDOW + 5)
+        assert rest == [16_384, 16_384, 1_707]
+        assert peer.seen[-1].flags == w.FLAG_END_STREAM
         peer.send(peer.response_headers(sid), peer.data(sid, b"ok"), peer.trailers(sid))
         assert await read_all(await call) == [b"ok"]
+
+    run(tmp_path, scenario)
+
+
+def test_larger_frames_and_table_size_from_the_peer_are_honoured(tmp_path: Path) -> None:
+    async def scenario(server: FakeServer, channel: Http2Channel) -> None:
+        peer_settings = w.SETTING.pack(w.SETTINGS_MAX_FRAME_SIZE, 1 << 20) + w.SETTING.pack(
+            w.SETTINGS_HEADER_TABLE_SIZE, 0
+        )
+        first = asyncio.ensure_future(channel.unary("/m", b""))
+        peer = await server.accept(peer_settings)
+        sid, _, _ = await peer.request()
+        peer.send(peer.response_headers(sid), peer.data(sid, b""), peer.trailers(sid))
+        await first
+        call = asyncio.ensure_future(channel.unary("/m", b"r" * 40_000))
+        headers = await peer.next(w.HEADERS)
+        assert headers.payload[0] == 0x20, "dynamic table size update to 0"
+        assert dict(peer.decoder.decode(headers.payload))[":path"] == "/m"
+        assert await data_until(peer, headers.stream_id, 40_005) == [40_005]
+        call.cancel()
+        await peer.next(w.RST_STREAM, headers.stream_id)
 
     run(tmp_path, scenario)
 
@@ -460,6 +492,27 @@ def test_goaway_fails_streams_above_last_id_and_new_calls_use_a_new_connection(
         tail = await peer.reader.read()
         assert w.goaway(w.NO_ERROR) in tail, "the drained connection says goodbye and closes"
         assert sid2 > sid1
+
+    run(tmp_path, scenario)
+
+
+def test_a_protocol_error_fails_every_call_and_the_next_call_reconnects(tmp_path: Path) -> None:
+    async def scenario(server: FakeServer, channel: Http2Channel) -> None:
+        async with opened(server, channel) as (peer, stream, sid):
+            other = await channel.server_stream(PATH, b"2")
+            await peer.request()
+            peer.send(w.frame(w.PUSH_PROMISE, w.FLAG_END_HEADERS, sid, b"\0\0\0\2"))
+            for call in (stream, other):
+                failed = await failure(call.read_batch())
+                assert failed.code == Code.UNAVAILABLE and "PUSH_PROMISE" in failed.details
+            goaway = await peer.next(w.GOAWAY)
+            assert goaway.payload[4:8] == w.U32.pack(w.PROTOCOL_ERROR)
+            call = asyncio.ensure_future(channel.unary("/m", b""))
+            fresh = await server.accept()
+            fresh_id, _, _ = await fresh.request()
+            fresh.send(fresh.response_headers(fresh_id), fresh.data(fresh_id, b"x"))
+            fresh.send(fresh.trailers(fresh_id))
+            assert await call == b"x"
 
     run(tmp_path, scenario)
 
