@@ -15,8 +15,7 @@ from typing import TypeVar
 
 import grpc
 import grpc.aio
-
-from google.protobuf.message import DecodeError, Message
+from google.protobuf.message import DecodeError
 
 from modeld.errors import LoadFailed
 from modeld.rpc import backend_pb2, backend_pb2_grpc
@@ -124,7 +123,9 @@ class BackendClient:
             answer = await self._serving.unary(_SERVICE + "Embedding", options.SerializeToString())
             return _parse(backend_pb2.EmbeddingResult, answer)
 
-    async def tokenize(self, options: backend_pb2.PredictOptions) -> backend_pb2.TokenizationResponse:
+    async def tokenize(
+        self, options: backend_pb2.PredictOptions
+    ) -> backend_pb2.TokenizationResponse:
         async with self.calling():
             answer = await self._serving.unary(
                 _SERVICE + "TokenizeString", options.SerializeToString()
@@ -162,14 +163,16 @@ class BackendClient:
         await self._channel.close(grace=None)
 
 
-_M = TypeVar("_M", bound=Message)
+_M = TypeVar("_M", backend_pb2.Reply, backend_pb2.EmbeddingResult, backend_pb2.TokenizationResponse)
 
 
 def _parse(kind: type[_M], data: bytes) -> _M:
     """A backend's message, or RpcFailed(INTERNAL) if the bytes are not one."""
+    message = kind()
     try:
-        return kind.FromString(data)
+        message.ParseFromString(data)
     except DecodeError as err:
         raise RpcFailed(
             grpc.StatusCode.INTERNAL, f"the backend's {kind.__name__} could not be parsed: {err}"
         ) from None
+    return message
