@@ -407,7 +407,8 @@ class BackendRun:
                 self.process.kill()
         if self.process is not None:
             try:
-                await asyncio.wait_for(self.exited.wait(), context.stop_timeout + 5)
+                async with asyncio.timeout(context.stop_timeout + 5):
+                    await self.exited.wait()
             except TimeoutError:
                 self.process.kill()
                 await self.exited.wait()
@@ -478,7 +479,8 @@ class BackendRun:
         self.relay.close_gate()
         if self.relay.exit_status is None:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.relay_exited.wait(), RELAY_DRAIN_TIMEOUT)
+                async with asyncio.timeout(RELAY_DRAIN_TIMEOUT):
+                    await self.relay_exited.wait()
         self.relay.close()
 
     async def release(self) -> None:

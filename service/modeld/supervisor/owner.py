@@ -566,7 +566,8 @@ class ModelOwner:
             return
         if backend.crash_status is None and backend.process is not None:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(backend.exited.wait(), _EXIT_GRACE)
+                async with asyncio.timeout(_EXIT_GRACE):
+                    await backend.exited.wait()
         summary = (
             message.error.message
             if isinstance(message.error, ModeldError)

@@ -59,7 +59,8 @@ async def journal_tail(identifier: str, since_us: int) -> list[str]:
     except OSError:
         return []
     try:
-        out, _ = await asyncio.wait_for(proc.communicate(), _TAIL_TIMEOUT)
+        async with asyncio.timeout(_TAIL_TIMEOUT):
+            out, _ = await proc.communicate()
     except TimeoutError:
         proc.kill()
         await proc.wait()

@@ -134,7 +134,8 @@ class Systemd:
         waiter: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._waiters[job] = waiter
         try:
-            return await asyncio.wait_for(waiter, JOB_TIMEOUT)
+            async with asyncio.timeout(JOB_TIMEOUT):
+                return await waiter
         except TimeoutError:
             raise SystemdError(f"systemd did not finish {what} within {JOB_TIMEOUT:.0f}s") from None
         finally:
