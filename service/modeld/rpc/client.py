@@ -136,28 +136,34 @@ class BackendClient:
         other failure fails at once. With no ``timeout``, a backend that never listens or
         never answers is for the caller's timeout or stall guard.
         """
-        not_listening: RpcFailed | None = None
+        refusals: list[RpcFailed] = []
         try:
             async with asyncio.timeout(timeout):
-                delay = CONNECT_RETRY_FIRST
-                while True:
-                    try:
-                        answer = await self._channel.unary(_SERVICE + "Health", _HEALTH)
-                        break
-                    except RpcFailed as err:
-                        if err.errno not in _NOT_LISTENING:
-                            raise
-                        not_listening = err
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, CONNECT_RETRY_MAX)
+                answer = await self._health_once_listening(refusals)
             _parse(backend_pb2.Reply, answer)
         except RpcFailed as err:
             raise LoadFailed(f"Health failed: {err.details or err.code.name}") from None
         except TimeoutError:
+            if timeout is None:
+                raise
             why = f"no answer within {timeout:g}s"
-            if not_listening is not None:
-                why += f" ({not_listening.details})"
+            if refusals:
+                why += f" ({refusals[-1].details})"
             raise LoadFailed(f"Health failed: {why}") from None
+
+    async def _health_once_listening(self, refusals: list[RpcFailed]) -> bytes:
+        """Health's answer, its connect tried again while the backend does not listen
+        (``refusals`` holds the last such failure, for the timeout's message)."""
+        delay = CONNECT_RETRY_FIRST
+        while True:
+            try:
+                return await self._channel.unary(_SERVICE + "Health", _HEALTH)
+            except RpcFailed as err:
+                if err.errno not in _NOT_LISTENING:
+                    raise
+                refusals[-1:] = [err]
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, CONNECT_RETRY_MAX)
 
     async def load_model(self, options: backend_pb2.ModelOptions) -> None:
         """Call LoadModel without a deadline (the owner's stall timeout bounds it)."""
