@@ -13,13 +13,13 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-import grpc
 import grpc.aio
 import pytest
 
 from modeld.rpc import backend_pb2 as pb
 from modeld.rpc import backend_pb2_grpc as pb_grpc
 from modeld.rpc.http2 import Http2Channel, RpcFailed, ServerStream
+from modeld.rpc.http2 import StatusCode as Code
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "service" / "modeld" / "data" / "demo.txt"
@@ -29,7 +29,6 @@ LOAD = "/backend.Backend/LoadModel"
 SHORT = pb.PredictOptions(Prompt="The sea", Tokens=8, TopP=1.0)
 LONG = pb.PredictOptions(Prompt="The sea", Tokens=300, TopP=1.0)
 ENDLESS = pb.PredictOptions(Prompt="The sea", Tokens=10**7, TopP=1.0)
-Code = grpc.StatusCode
 Token = tuple[bytes, int, int]
 
 

@@ -260,7 +260,7 @@ def test_a_lease_outlives_the_busy_timeout_and_still_blocks_eviction(tmp_path: P
             clock.request_running(request)
             assert clock.client is not None
             predict = asyncio.ensure_future(
-                clock.client.stub.Predict(backend_pb2.PredictOptions(Prompt="x", Tokens=1))
+                clock.client.predict(backend_pb2.PredictOptions(Prompt="x", Tokens=1))
             )
             await h.observer.wait(lambda: ("clock", "busy-timeout") in h.observer.unloads)
             await asyncio.gather(predict, return_exceptions=True)  # cut off with its backend

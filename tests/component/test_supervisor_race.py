@@ -66,7 +66,7 @@ async def one_round(supervisor: Supervisor, watch: Watch, *, force: bool) -> Bas
             client = await ticket.client()
             watch.running_on_a += 1
             try:
-                await client.stub.Predict(backend_pb2.PredictOptions(Prompt="The sea", Tokens=4))
+                await client.predict(backend_pb2.PredictOptions(Prompt="The sea", Tokens=4))
             finally:
                 watch.running_on_a -= 1
 

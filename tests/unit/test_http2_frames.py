@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import struct
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import pytest
 from hpack import Decoder, Encoder
 from hypothesis import given, settings
@@ -25,10 +25,10 @@ from hypothesis import strategies as st
 from modeld.rpc import http2_connection, http2_wire
 from modeld.rpc import http2_wire as w
 from modeld.rpc.http2 import Http2Channel, RpcFailed, ServerStream
+from modeld.rpc.http2 import StatusCode as Code
 from modeld.rpc.http2_connection import Http2Connection
 
 PATH = "/backend.Backend/PredictStream"
-Code = grpc.StatusCode
 
 
 def message(payload: bytes, compressed: int = 0) -> bytes:
@@ -597,6 +597,7 @@ def test_connect_failure_is_unavailable_with_the_os_error(tmp_path: Path) -> Non
         channel = Http2Channel(f"unix:{tmp_path}/missing.sock")
         failed = await failure(channel.unary("/m", b""))
         assert failed.code == Code.UNAVAILABLE and "No such file" in failed.details
+        assert failed.errno == errno.ENOENT
         await channel.close()
 
     asyncio.run(main())
@@ -683,6 +684,12 @@ def test_any_split_into_reads_gives_the_same_messages(
         return await read_all(stream)
 
     assert asyncio.run(main()) == messages
+
+
+def test_status_codes_are_grpcs() -> None:
+    import grpc  # the backends' library; the client must not need it
+
+    assert [(c.name, c.value) for c in Code] == [(c.name, c.value[0]) for c in grpc.StatusCode]
 
 
 def test_wire_helpers_round_trip() -> None:

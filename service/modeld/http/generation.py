@@ -17,7 +17,6 @@ import math
 import time
 from collections.abc import AsyncIterator
 
-import grpc
 from aiohttp import web
 
 from modeld.errors import ModeldError, NoSuchModel
@@ -37,7 +36,7 @@ from modeld.http.openai_responses import ResponseFormat, embeddings_body, finish
 from modeld.http.sse import EventStream, await_with_comments
 from modeld.rpc import backend_pb2
 from modeld.rpc.client import BackendClient, BackendGone, ReplyStream
-from modeld.rpc.http2 import RpcFailed
+from modeld.rpc.http2 import RpcFailed, StatusCode
 from modeld.supervisor.registry import Supervisor, Ticket
 
 log = logging.getLogger(__name__)
@@ -236,7 +235,7 @@ async def _count_tokens(client: BackendClient, text: str) -> int:
     try:
         result = await client.tokenize(backend_pb2.PredictOptions(Prompt=text))
     except RpcFailed as err:
-        if err.code is grpc.StatusCode.UNIMPLEMENTED:
+        if err.code is StatusCode.UNIMPLEMENTED:
             return 0
         raise
     return max(0, int(result.length))

@@ -6,9 +6,10 @@ to 7.x. Import them explicitly::
 
     from modeld.rpc import backend_pb2, backend_pb2_grpc
 
-``modeld.rpc.client`` is modeld's client of one backend over these bindings.
-``modeld.rpc.http2`` is a lean gRPC-over-HTTP/2 client (unary and server-streaming calls
-on serialized messages) for the request path, where grpc.aio's per-message cost shows.
+``modeld.rpc.client`` is modeld's client of one backend: ``backend_pb2`` messages over
+``modeld.rpc.http2``, a lean gRPC-over-HTTP/2 client (unary and server-streaming calls on
+serialized messages). The daemon never imports grpcio (``backend_pb2_grpc`` needs it: the
+backends' side); ``backend_pb2`` needs only protobuf.
 
 This package imports nothing itself, so ``import modeld.rpc`` stays cheap.
 """

@@ -15,20 +15,19 @@ no compression; requests and replies are serialized protobuf bytes::
     finally:
         stream.cancel()
 
-Failures, whether a gRPC status or a broken connection, raise :class:`RpcFailed`.
+Failures, whether a gRPC status or a broken connection, raise :class:`RpcFailed` (with
+the ``errno`` of a connect that failed). Nothing here imports grpcio.
 """
 
 from __future__ import annotations
 
 import asyncio
 
-import grpc
-
 from modeld.rpc.http2_connection import Http2Connection
 from modeld.rpc.http2_stream import ServerStream
-from modeld.rpc.http2_wire import RpcFailed
+from modeld.rpc.http2_wire import RpcFailed, StatusCode
 
-__all__ = ["Http2Channel", "RpcFailed", "ServerStream"]
+__all__ = ["Http2Channel", "RpcFailed", "ServerStream", "StatusCode"]
 
 
 class Http2Channel:
@@ -83,7 +82,7 @@ class Http2Channel:
     async def _open(self) -> Http2Connection:
         """The connection for new calls: the current one, or one being or newly opened."""
         if self._closed:
-            raise RpcFailed(grpc.StatusCode.UNAVAILABLE, "channel closed")
+            raise RpcFailed(StatusCode.UNAVAILABLE, "channel closed")
         task = self._connecting
         if task is None:
             task = asyncio.get_running_loop().create_task(self._connect())
@@ -104,7 +103,7 @@ class Http2Channel:
                 _, connection = await loop.create_connection(protocol, self._host, self._port)
         except OSError as err:
             why = f"cannot connect to {self.address}: {err}"
-            raise RpcFailed(grpc.StatusCode.UNAVAILABLE, why) from None
+            raise RpcFailed(StatusCode.UNAVAILABLE, why, err.errno) from None
         return connection
 
     def _connected(self, task: asyncio.Task[Http2Connection]) -> None:

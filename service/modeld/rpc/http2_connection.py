@@ -26,11 +26,9 @@ import asyncio
 from collections.abc import Callable
 from typing import ClassVar
 
-import grpc
-
 from modeld.rpc import http2_wire as w
 from modeld.rpc.http2_stream import ServerStream
-from modeld.rpc.http2_wire import ProtocolViolation, RpcFailed
+from modeld.rpc.http2_wire import ProtocolViolation, RpcFailed, StatusCode
 
 STREAM_WINDOW = 1 << 20
 """Receive window per stream: unread reply bytes a backend may send ahead of the reader."""
@@ -53,8 +51,8 @@ _TABLE_SIZE_ZERO = b"\x20"
 
 _unpack_frame = w.FRAME_HEADER.unpack_from
 _unpack_u32 = w.U32.unpack_from
-_UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
-_INTERNAL = grpc.StatusCode.INTERNAL
+_UNAVAILABLE = StatusCode.UNAVAILABLE
+_INTERNAL = StatusCode.INTERNAL
 
 _Handler = Callable[["Http2Connection", int, int, bytes], None]
 
@@ -179,7 +177,7 @@ class Http2Connection(asyncio.Protocol):
             raise stream._outcome
         if len(messages) != 1:
             why = f"the backend sent {len(messages)} messages for a unary call"
-            raise RpcFailed(grpc.StatusCode.UNIMPLEMENTED, why)
+            raise RpcFailed(StatusCode.UNIMPLEMENTED, why)
         return messages[0]
 
     def cancel_stream(self, stream: ServerStream) -> None:
@@ -187,7 +185,7 @@ class Http2Connection(asyncio.Protocol):
         if not stream._ended:
             self._write(w.rst_stream(stream.id, w.CANCEL))
             self._finish(stream, None)
-        stream._outcome = RpcFailed(grpc.StatusCode.CANCELLED, "cancelled by the caller")
+        stream._outcome = RpcFailed(StatusCode.CANCELLED, "cancelled by the caller")
         stream._messages = []
         self.release(stream)
 

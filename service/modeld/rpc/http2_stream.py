@@ -10,10 +10,8 @@ from __future__ import annotations
 import asyncio
 from typing import Protocol
 
-import grpc
-
 from modeld.rpc import http2_wire as w
-from modeld.rpc.http2_wire import RpcFailed
+from modeld.rpc.http2_wire import RpcFailed, StatusCode
 
 _unpack_prefix = w.MESSAGE_PREFIX.unpack_from
 
@@ -159,10 +157,10 @@ class ServerStream:
             compressed, size = _unpack_prefix(buffer, p)
             if compressed:
                 why = "the backend sent a compressed message; compression is not supported"
-                return RpcFailed(grpc.StatusCode.INTERNAL, why)
+                return RpcFailed(StatusCode.INTERNAL, why)
             if size > w.MAX_MESSAGE:
                 why = f"received message larger than max ({size} vs. {w.MAX_MESSAGE})"
-                return RpcFailed(grpc.StatusCode.RESOURCE_EXHAUSTED, why)
+                return RpcFailed(StatusCode.RESOURCE_EXHAUSTED, why)
             q = p + 5 + size
             if q > n:
                 break

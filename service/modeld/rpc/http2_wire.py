@@ -8,11 +8,11 @@ so the frame header and message prefix are plain :class:`struct.Struct` objects.
 
 from __future__ import annotations
 
+import enum
 import struct
 import urllib.parse
 from collections.abc import Iterable
 
-import grpc
 from hpack import Decoder, Encoder, NeverIndexedHeaderTuple
 from hpack.exceptions import HPACKError
 
@@ -60,7 +60,7 @@ MAX_WINDOW = (1 << 31) - 1
 MAX_STREAM_ID = (1 << 31) - 1
 
 MAX_MESSAGE = 64 << 20
-"""Largest reply message accepted (modeld's grpc.aio channel allowed the same)."""
+"""Largest reply message accepted (what modeld's grpc.aio channel allowed before)."""
 
 FRAME_HEADER = struct.Struct(">BHBBL")
 """Frame header: 24-bit length as (high byte, low 16 bits), type, flags, stream id."""
@@ -70,36 +70,63 @@ U32 = struct.Struct(">L")
 SETTING = struct.Struct(">HL")
 GOAWAY_HEAD = struct.Struct(">LL")
 
+
+class StatusCode(enum.Enum):
+    """gRPC status codes, named and numbered as gRPC defines them (the daemon does not
+    import grpcio; its backends do, and their :class:`grpc.StatusCode` has the same names)."""
+
+    OK = 0
+    CANCELLED = 1
+    UNKNOWN = 2
+    INVALID_ARGUMENT = 3
+    DEADLINE_EXCEEDED = 4
+    NOT_FOUND = 5
+    ALREADY_EXISTS = 6
+    PERMISSION_DENIED = 7
+    RESOURCE_EXHAUSTED = 8
+    FAILED_PRECONDITION = 9
+    ABORTED = 10
+    OUT_OF_RANGE = 11
+    UNIMPLEMENTED = 12
+    INTERNAL = 13
+    UNAVAILABLE = 14
+    DATA_LOSS = 15
+    UNAUTHENTICATED = 16
+
+
 _HTTP_STATUS = {
-    400: grpc.StatusCode.INTERNAL,
-    401: grpc.StatusCode.UNAUTHENTICATED,
-    403: grpc.StatusCode.PERMISSION_DENIED,
-    404: grpc.StatusCode.UNIMPLEMENTED,
-    429: grpc.StatusCode.UNAVAILABLE,
-    502: grpc.StatusCode.UNAVAILABLE,
-    503: grpc.StatusCode.UNAVAILABLE,
-    504: grpc.StatusCode.UNAVAILABLE,
+    400: StatusCode.INTERNAL,
+    401: StatusCode.UNAUTHENTICATED,
+    403: StatusCode.PERMISSION_DENIED,
+    404: StatusCode.UNIMPLEMENTED,
+    429: StatusCode.UNAVAILABLE,
+    502: StatusCode.UNAVAILABLE,
+    503: StatusCode.UNAVAILABLE,
+    504: StatusCode.UNAVAILABLE,
 }
 _RST_STATUS = {
-    REFUSED_STREAM: grpc.StatusCode.UNAVAILABLE,
-    CANCEL: grpc.StatusCode.CANCELLED,
-    ENHANCE_YOUR_CALM: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    INADEQUATE_SECURITY: grpc.StatusCode.PERMISSION_DENIED,
+    REFUSED_STREAM: StatusCode.UNAVAILABLE,
+    CANCEL: StatusCode.CANCELLED,
+    ENHANCE_YOUR_CALM: StatusCode.RESOURCE_EXHAUSTED,
+    INADEQUATE_SECURITY: StatusCode.PERMISSION_DENIED,
 }
-_GRPC_STATUS = {code.value[0]: code for code in grpc.StatusCode}
+_GRPC_STATUS = {code.value: code for code in StatusCode}
 
 
 class RpcFailed(Exception):
     """A call that ended with a gRPC status other than OK, or whose connection failed.
 
-    ``code`` is grpcio's :class:`grpc.StatusCode`; ``details`` is the server's
-    grpc-message (percent-decoded), or a sentence saying what failed on our side.
+    ``code`` is the :class:`StatusCode`; ``details`` is the server's grpc-message
+    (percent-decoded), or a sentence saying what failed on our side. ``errno`` is the
+    ``OSError`` errno when the failure was a connect that failed (ECONNREFUSED: nothing
+    listens on the socket yet; ENOENT: no socket file), else None.
     """
 
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+    def __init__(self, code: StatusCode, details: str, errno: int | None = None) -> None:
         super().__init__(code, details)
         self.code = code
         self.details = details
+        self.errno = errno
 
     def __str__(self) -> str:
         return f"{self.code.name}: {self.details}"
@@ -155,21 +182,21 @@ def request_header_block(path: str, authority: str) -> bytes:
     return bytes(Encoder().encode([NeverIndexedHeaderTuple(k, v) for k, v in headers]))
 
 
-def status_from_code(value: int) -> grpc.StatusCode:
-    return _GRPC_STATUS.get(value, grpc.StatusCode.UNKNOWN)
+def status_from_code(value: int) -> StatusCode:
+    return _GRPC_STATUS.get(value, StatusCode.UNKNOWN)
 
 
-def status_from_http(http_status: str) -> grpc.StatusCode:
+def status_from_http(http_status: str) -> StatusCode:
     """The gRPC code of a response whose :status is not 200 (gRPC's http-grpc mapping)."""
     try:
-        return _HTTP_STATUS.get(int(http_status), grpc.StatusCode.UNKNOWN)
+        return _HTTP_STATUS.get(int(http_status), StatusCode.UNKNOWN)
     except ValueError:
-        return grpc.StatusCode.UNKNOWN
+        return StatusCode.UNKNOWN
 
 
 def failure_from_rst(error_code: int) -> RpcFailed:
     """The failure of a stream the server reset (gRPC's RST_STREAM mapping)."""
-    code = _RST_STATUS.get(error_code, grpc.StatusCode.INTERNAL)
+    code = _RST_STATUS.get(error_code, StatusCode.INTERNAL)
     return RpcFailed(code, f"stream reset by the backend (HTTP/2 error code {error_code})")
 
 
@@ -191,13 +218,13 @@ def outcome_from_trailers(headers: list[tuple[str, str]]) -> RpcFailed | None:
     if status is None:
         if http_status != "200":
             return RpcFailed(status_from_http(http_status), f"HTTP status {http_status}")
-        return RpcFailed(grpc.StatusCode.UNKNOWN, "the backend sent no grpc-status")
+        return RpcFailed(StatusCode.UNKNOWN, "the backend sent no grpc-status")
     if status == "0":
         return None
     try:
         code = status_from_code(int(status))
     except ValueError:
-        code = grpc.StatusCode.UNKNOWN
+        code = StatusCode.UNKNOWN
     return RpcFailed(code, message)
 
 

@@ -63,11 +63,11 @@ async def until_listening(path: Path) -> None:
     """Return once the unix socket at ``path`` accepts connections.
 
     inotify shows the socket file at bind(), a moment before listen(); a connection in
-    between is refused, and gRPC then backs off for at least 100 ms (its floor, whatever
-    the channel options say). The moment is short (the backend is between two system
-    calls), but modeld, woken by the same bind(), often runs right then. No event marks
-    listen(), so this tries again, yielding to the loop, a few times a millisecond. Any
-    other error is left for the gRPC client to report.
+    between is refused. The moment is short (the backend is between two system calls),
+    but modeld, woken by the same bind(), often runs right then. No event marks listen(),
+    so this tries again, yielding to the loop, a few times a millisecond (finer than the
+    connect retry of the client's Health, which starts at 1 ms). Any other error is left
+    for Health to report.
     """
     delay = 0.0002
     while True:
@@ -77,7 +77,7 @@ async def until_listening(path: Path) -> None:
             return
         except ConnectionRefusedError:
             pass
-        except OSError:  # EAGAIN (its backlog is full: it listens), or gone: gRPC says
+        except OSError:  # EAGAIN (its backlog is full: it listens), or gone: Health says
             return
         finally:
             probe.close()
