@@ -369,9 +369,9 @@ def figures(result: dict[str, Any]) -> list[dict[str, Any]]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=500)
-    parser.add_argument("--stream-tokens", type=int, default=2000)
-    parser.add_argument("--stream-rounds", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=600)
+    parser.add_argument("--stream-tokens", type=int, default=10000)
+    parser.add_argument("--stream-rounds", type=int, default=15)
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--json", type=Path, help="also write the result here")
     parser.add_argument("--driver", type=int, metavar="PID", help=argparse.SUPPRESS)
