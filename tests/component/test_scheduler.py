@@ -158,6 +158,44 @@ def test_a_load_of_the_victim_itself_does_not_deadlock_with_the_refused_admissio
     run(scenario)
 
 
+def test_crossing_admissions_never_count_a_slot_twice(
+    world: Callable[..., Awaitable[World]],
+) -> None:
+    """Found by the chaos soak (cap exceeded right after a re-adoption): m2's load evicts
+    m3; a request's load of m3, which then looks like going, evicts m5 to make room for it.
+    m3's owner refuses (the request): m3 stays. m5's eviction no longer makes room for
+    anyone, so m2 must not count m5's slot as free: it must evict m0."""
+
+    async def scenario() -> None:
+        w = await world(SchedulerPolicy(max_loaded=3))
+        w.model("m3", state=READY, last_used_us=1)
+        w.model("m5", state=READY, last_used_us=2)
+        w.model("m0", state=READY, last_used_us=3)
+        w.model("m2")
+        m2_reply = w.scheduler.load("m2")
+        (first,) = await w.effects.wait_for("evict")
+        assert first.name == "m3"
+        m3_reply = w.scheduler.load("m3")
+        (_, second) = await w.effects.wait_for("evict", 2)
+        assert second.name == "m5"
+        w.publish("m3", state=ModelState.BUSY, in_flight=1)
+        w.publish("m5", state=ModelState.BUSY, in_flight=1)
+        w.effects.settle("m3", refusal="has 1 request(s) in flight")
+        await w.scheduler.flush()
+        assert "m2" not in [e.name for e in w.effects.kinds("start_load")]
+        (_, _, third) = await w.effects.wait_for("evict", 3)
+        assert third.name == "m0"  # the only idle model makes the room
+        w.effects.settle("m5", refusal="has 1 request(s) in flight")
+        await m3_reply  # m3 stays and is served
+        await w.scheduler.flush()
+        assert "m2" not in [e.name for e in w.effects.kinds("start_load")]
+        await w.evicted("m0")
+        await m2_reply
+        assert [e.name for e in w.effects.kinds("start_load")] == ["m3", "m2"]
+
+    run(scenario)
+
+
 def test_busy_victims_make_the_load_fail_with_busy_after_the_patience(
     world: Callable[..., Awaitable[World]],
 ) -> None:

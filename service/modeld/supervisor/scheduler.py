@@ -548,10 +548,26 @@ class Scheduler:
     # ------------------------------------------------------------------------ view
 
     def _going(self) -> set[str]:
-        going = {name for a in self._admissions.values() for name in a.victims}
+        """Models whose slots evictions under way free for a load that needs one.
+
+        The victims of an admission whose target already holds a slot free nothing for
+        anyone: its target looked as if it were going when it evicted them (the victim of
+        another admission, whose owner then refused), so counting them as going would count
+        that slot twice, and the cap would not hold.
+        """
+        going = {
+            name
+            for a in self._admissions.values()
+            if not self._holds_slot(a.target)
+            for name in a.victims
+        }
         if self._relief is not None and self._relief.victim:
             going.add(self._relief.victim)
         return going
+
+    def _holds_slot(self, name: str) -> bool:
+        model = self._models.get(name)
+        return model is not None and model.status.state.occupies_slot
 
     def _views(self, reading: GpuReading | None, *, measure: bool = True) -> list[ModelView]:
         """The decision's input: the published states, with the effects of the scheduler's
