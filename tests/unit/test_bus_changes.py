@@ -9,7 +9,9 @@ live figure. A property mirrored without a signal, or sent with a stale value, f
 """
 
 import asyncio
+import contextlib
 import dataclasses
+from collections.abc import AsyncIterator
 from types import SimpleNamespace
 from typing import Any
 
@@ -76,6 +78,24 @@ class Root(Authorizer):
 
     async def authorize(self, action: Action, call: Call) -> Caller:
         return Caller(self, call, 0, frozenset(Action))
+
+
+@contextlib.asynccontextmanager
+async def buses(bus_address: str) -> AsyncIterator[tuple[ModeldMessageBus, MessageBus]]:
+    """modeld's connection and a client's to the private bus, both closed after."""
+    service_bus = await ModeldMessageBus(bus_address=bus_address).connect()
+    client_bus = await MessageBus(bus_address=bus_address).connect()
+    try:
+        yield service_bus, client_bus
+    finally:
+        for bus in (client_bus, service_bus):
+            bus.disconnect()
+            await bus.wait_for_disconnect()
+            bus._sock.close()
+
+
+async def never_reload() -> None:
+    raise AssertionError("reloaded over the bus")
 
 
 class CachingClient:
@@ -152,10 +172,8 @@ def test_a_caching_client_follows_every_change_of_every_emitting_property(
     supervisor = Supervisor()
 
     async def scenario() -> None:
-        service_bus = await ModeldMessageBus(bus_address=bus_address).connect()
-        client_bus = await MessageBus(bus_address=bus_address).connect()
-        try:
-            service = BusService(service_bus, supervisor, reload, authorizer=Root())  # type: ignore[arg-type]
+        async with buses(bus_address) as (service_bus, client_bus):
+            service = BusService(service_bus, supervisor, never_reload, authorizer=Root())  # type: ignore[arg-type]
             service.sync_models()
             client = CachingClient(client_bus, service_bus.unique_name)
             await client.watch(MANAGER_PATH, MANAGER_INTERFACE)
@@ -194,14 +212,6 @@ def test_a_caching_client_follows_every_change_of_every_emitting_property(
             await client.check("reload")
             assert client.cache[(DEMO, MODEL_INTERFACE)]["ConcurrencyGroups"] == ["big"]
             assert client.signals >= len(dataclasses.fields(ModelStatus)) + 3
-        finally:
-            for bus in (client_bus, service_bus):
-                bus.disconnect()
-                await bus.wait_for_disconnect()
-                bus._sock.close()
-
-    async def reload() -> None:
-        raise AssertionError("reloaded over the bus")
 
     asyncio.run(asyncio.wait_for(scenario(), 60))
 
@@ -254,14 +264,12 @@ def test_use_changes_are_held_back_coalesced_and_never_overtaken(bus_address: st
     supervisor.statuses["demo"] = ModelStatus(state=ModelState.READY, unit="demo.scope")
 
     async def scenario() -> None:
-        service_bus = await ModeldMessageBus(bus_address=bus_address).connect()
-        client_bus = await MessageBus(bus_address=bus_address).connect()
-        try:
+        async with buses(bus_address) as (service_bus, client_bus):
             # Long enough that nothing here goes out by the timer.
             service = BusService(
                 service_bus,
                 supervisor,  # type: ignore[arg-type]
-                reload,
+                never_reload,
                 authorizer=Root(),
                 use_publish_delay=3600,
             )
@@ -312,15 +320,6 @@ def test_use_changes_are_held_back_coalesced_and_never_overtaken(bus_address: st
                 {"State": "busy", "InFlight": 1, "LastUsed": 11, "LastError": "it broke"}
             ]
 
-        finally:
-            for bus in (client_bus, service_bus):
-                bus.disconnect()
-                await bus.wait_for_disconnect()
-                bus._sock.close()
-
-    async def reload() -> None:
-        raise AssertionError("reloaded over the bus")
-
     asyncio.run(asyncio.wait_for(scenario(), 60))
 
 
@@ -329,10 +328,8 @@ def test_a_use_change_goes_out_by_itself_when_nothing_else_is_sent(bus_address: 
     supervisor.statuses["demo"] = ModelStatus(state=ModelState.READY, unit="demo.scope")
 
     async def scenario() -> None:
-        service_bus = await ModeldMessageBus(bus_address=bus_address).connect()
-        client_bus = await MessageBus(bus_address=bus_address).connect()
-        try:
-            service = BusService(service_bus, supervisor, reload, authorizer=Root())  # type: ignore[arg-type]
+        async with buses(bus_address) as (service_bus, client_bus):
+            service = BusService(service_bus, supervisor, never_reload, authorizer=Root())  # type: ignore[arg-type]
             service.sync_models()
             client = CachingClient(client_bus, service_bus.unique_name)
             log = SignalLog(client_bus)
@@ -346,13 +343,5 @@ def test_a_use_change_goes_out_by_itself_when_nothing_else_is_sent(bus_address: 
             await log.until(start + 1)  # nothing else was sent: the timer sent it
             assert log.changed(start) == [{"State": "busy", "InFlight": 1}]
             await client.check("after the delay")
-        finally:
-            for bus in (client_bus, service_bus):
-                bus.disconnect()
-                await bus.wait_for_disconnect()
-                bus._sock.close()
-
-    async def reload() -> None:
-        raise AssertionError("reloaded over the bus")
 
     asyncio.run(asyncio.wait_for(scenario(), 60))
