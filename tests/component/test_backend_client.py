@@ -6,15 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import os
 import socket
-import subprocess
-import sys
-import threading
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
+from reference_process import ROOT, ReferenceProcess
 
 from modeld.errors import LoadFailed
 from modeld.rpc import backend_pb2 as pb
@@ -22,46 +19,8 @@ from modeld.rpc import client as client_module
 from modeld.rpc.client import BackendClient
 from modeld.rpc.http2 import RpcFailed, StatusCode
 
-ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "service" / "modeld" / "data" / "demo.txt"
 PROMPT = pb.PredictOptions(Prompt="The sea", Tokens=4, TopP=1.0)
-
-
-class Backend:
-    """A reference backend process on a unix socket, running once it said it listens."""
-
-    def __init__(self, sock: Path, *knobs: str) -> None:
-        self.address = f"unix:{sock}"
-        env = {**os.environ, "PYTHONPATH": str(ROOT / "service")}
-        args = [f"--knob={knob}" for knob in knobs]
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "modeld.reference_backend", "--addr", self.address, *args],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        assert self.proc.stderr is not None
-        self.log: list[str] = []
-        self.listening = threading.Event()
-        self._drain = threading.Thread(target=self._read_log, daemon=True)
-        self._drain.start()
-
-    def _read_log(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.log.append(line)
-            if "listening on" in line:
-                self.listening.set()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
-        self._drain.join(10)
-        assert self.proc.stderr is not None
-        self.proc.stderr.close()
 
 
 @pytest.fixture
@@ -72,11 +31,11 @@ def sock(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def start_backend(sock: Path) -> Iterator[Callable[..., Backend]]:
-    started: list[Backend] = []
+def start_backend(sock: Path) -> Iterator[Callable[..., ReferenceProcess]]:
+    started: list[ReferenceProcess] = []
 
-    def start(*knobs: str) -> Backend:
-        backend = Backend(sock, *knobs)
+    def start(*knobs: str) -> ReferenceProcess:
+        backend = ReferenceProcess(sock, *knobs)
         started.append(backend)
         return backend
 
@@ -126,7 +85,7 @@ class Attempts:
 
 
 def test_health_waits_for_a_socket_that_refuses_then_is_missing_then_listens(
-    sock: Path, start_backend: Callable[..., Backend]
+    sock: Path, start_backend: Callable[..., ReferenceProcess]
 ) -> None:
     async def main() -> None:
         bound = bound_not_listening(sock)
@@ -187,7 +146,7 @@ def test_health_fails_at_once_on_other_connect_errors(tmp_path: Path) -> None:
 
 
 def test_health_reports_the_backends_own_words(
-    sock: Path, start_backend: Callable[..., Backend]
+    sock: Path, start_backend: Callable[..., ReferenceProcess]
 ) -> None:
     backend = start_backend("health=error")
     assert backend.listening.wait(30), backend.log
@@ -217,7 +176,7 @@ def test_a_silent_peer_times_health_out_and_free_gives_up(sock: Path) -> None:
 
 
 def test_load_model_refusal_and_failure_messages(
-    sock: Path, start_backend: Callable[..., Backend]
+    sock: Path, start_backend: Callable[..., ReferenceProcess]
 ) -> None:
     backend = start_backend()
     assert backend.listening.wait(30), backend.log

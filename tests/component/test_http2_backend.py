@@ -5,23 +5,19 @@ and a backend killed and restarted on the same socket."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import subprocess
-import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc.aio
 import pytest
+from reference_process import ROOT, ReferenceProcess
 
 from modeld.rpc import backend_pb2 as pb
 from modeld.rpc import backend_pb2_grpc as pb_grpc
 from modeld.rpc.http2 import Http2Channel, RpcFailed, ServerStream
 from modeld.rpc.http2 import StatusCode as Code
 
-ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "service" / "modeld" / "data" / "demo.txt"
 PREDICT = "/backend.Backend/Predict"
 STREAM = "/backend.Backend/PredictStream"
@@ -32,41 +28,6 @@ ENDLESS = pb.PredictOptions(Prompt="The sea", Tokens=10**7, TopP=1.0)
 Token = tuple[bytes, int, int]
 
 
-class Backend:
-    """A reference backend process on a unix socket, running once it said it listens."""
-
-    def __init__(self, sock: Path) -> None:
-        self.address = f"unix:{sock}"
-        env = {**os.environ, "PYTHONPATH": str(ROOT / "service")}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "modeld.reference_backend", "--addr", self.address],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        assert self.proc.stderr is not None
-        self.log: list[str] = []
-        for line in self.proc.stderr:
-            self.log.append(line)
-            if "listening on" in line:
-                break
-        else:
-            self.proc.wait()
-            pytest.fail(f"reference backend exited {self.proc.returncode}: {''.join(self.log)}")
-        self._drain = threading.Thread(target=self.log.extend, args=(self.proc.stderr,))
-        self._drain.start()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
-        self._drain.join(10)
-        assert self.proc.stderr is not None
-        self.proc.stderr.close()
-
-
 @pytest.fixture
 def sock(tmp_path: Path) -> Path:
     path = tmp_path / "b.sock"
@@ -75,8 +36,8 @@ def sock(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def backend(sock: Path) -> Iterator[Backend]:
-    started = Backend(sock)
+def backend(sock: Path) -> Iterator[ReferenceProcess]:
+    started = ReferenceProcess.started(sock)
     yield started
     started.stop()
 
@@ -114,7 +75,7 @@ def run(coroutine: object) -> None:
     asyncio.run(asyncio.wait_for(coroutine, 60))
 
 
-def test_same_replies_as_grpc_aio(backend: Backend) -> None:
+def test_same_replies_as_grpc_aio(backend: ReferenceProcess) -> None:
     async def scenario() -> None:
         channel = Http2Channel(backend.address)
         reference = grpc.aio.insecure_channel(backend.address)
@@ -133,7 +94,9 @@ def test_same_replies_as_grpc_aio(backend: Backend) -> None:
     run(scenario())
 
 
-def test_predict_before_load_model_fails_with_the_backends_status(backend: Backend) -> None:
+def test_predict_before_load_model_fails_with_the_backends_status(
+    backend: ReferenceProcess,
+) -> None:
     async def scenario() -> None:
         channel = Http2Channel(backend.address)
         try:
@@ -149,7 +112,7 @@ def test_predict_before_load_model_fails_with_the_backends_status(backend: Backe
     run(scenario())
 
 
-def test_concurrent_streams_and_unary_calls_share_one_connection(backend: Backend) -> None:
+def test_concurrent_streams_and_unary_calls_share_one_connection(backend: ReferenceProcess) -> None:
     async def scenario() -> None:
         channel = Http2Channel(backend.address)
         try:
@@ -169,7 +132,7 @@ def test_concurrent_streams_and_unary_calls_share_one_connection(backend: Backen
     run(scenario())
 
 
-def test_cancel_mid_stream_then_the_channel_still_works(backend: Backend) -> None:
+def test_cancel_mid_stream_then_the_channel_still_works(backend: ReferenceProcess) -> None:
     async def scenario() -> None:
         channel = Http2Channel(backend.address)
         try:
@@ -197,7 +160,7 @@ async def read_until_failure(stream: ServerStream) -> RpcFailed:
     return failed.value
 
 
-def test_backend_killed_mid_stream_then_restarted(backend: Backend, sock: Path) -> None:
+def test_backend_killed_mid_stream_then_restarted(backend: ReferenceProcess, sock: Path) -> None:
     async def scenario() -> None:
         channel = Http2Channel(backend.address)
         try:
@@ -207,7 +170,7 @@ def test_backend_killed_mid_stream_then_restarted(backend: Backend, sock: Path) 
             old = channel._connection
             backend.proc.send_signal(signal.SIGKILL)
             assert (await read_until_failure(stream)).code == Code.UNAVAILABLE
-            restarted = await asyncio.to_thread(Backend, sock)
+            restarted = await asyncio.to_thread(ReferenceProcess.started, sock)
             try:
                 await load(channel)
                 assert (await predict(channel))[1] == SHORT.Tokens
